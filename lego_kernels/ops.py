@@ -1,0 +1,332 @@
+"""Public functional API of ``lego_kernels``: validation and backend dispatch.
+
+Every op takes plain tensors and returns plain tensors; autograd works.
+Shapes: ``x [..., D]`` (any leading dims, flattened to N tokens), output head
+``weight [V, D]`` (the ``nn.Linear`` layout), ``targets`` int64 ``[...]``.
+Inputs may be float32, bfloat16 or float16; statistics and losses are
+accumulated in float32 and come back as float32.
+
+Backends (see :func:`backend`): CUDA tensors run the Triton kernels, CPU
+tensors run the plain-PyTorch reference (``lego_kernels.reference``), or the
+Triton kernels through Triton's interpreter when ``TRITON_INTERPRET=1`` was set
+before ``triton`` was imported. The kernel modules are imported lazily, so the
+package works on machines without Triton.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+
+from lego_kernels import reference
+from lego_kernels.reference import MEASURES, NORMS, REDUCTIONS, Confidence
+
+__all__ = [
+    "Confidence",
+    "backend",
+    "confidence_from_logits",
+    "exit_confidence",
+    "norm_head_cross_entropy",
+    "norm_head_logits",
+    "use_backend",
+]
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_FORCED_BACKEND: str | None = None
+
+
+def backend(x: Tensor) -> str:
+    """Which implementation the ops run for tensors like ``x``.
+
+    ``"triton"`` for CUDA tensors; ``"triton-interpreter"`` for CPU tensors
+    when ``TRITON_INTERPRET=1`` was set before ``lego_kernels`` was imported;
+    ``"torch"`` (the reference) otherwise, or inside ``use_backend("torch")``.
+    """
+    if _FORCED_BACKEND == "torch":
+        return "torch"
+    if x.is_cuda:
+        return "triton"
+    if x.device.type == "cpu" and _INTERPRET:
+        return "triton-interpreter"
+    return "torch"
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Force a backend inside a ``with`` block: ``"torch"`` (the reference) or ``"auto"``.
+
+    Useful to debug a model against the reference, or to keep a run on the
+    fast PyTorch path while ``TRITON_INTERPRET=1`` is set for kernel tests.
+    """
+    global _FORCED_BACKEND
+    if name not in ("torch", "auto"):
+        raise ValueError(f"use_backend: name must be 'torch' or 'auto', got {name!r}")
+    previous = _FORCED_BACKEND
+    _FORCED_BACKEND = None if name == "auto" else name
+    try:
+        yield
+    finally:
+        _FORCED_BACKEND = previous
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def check_choice(name: str, value: object, choices: tuple) -> None:
+    """ValueError unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def check_floating(name: str, t: object) -> None:
+    """TypeError unless ``t`` is a floating-point tensor."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(
+            f"{name} must be a floating-point tensor, got {t.dtype}; cast it with .float()"
+        )
+
+
+def check_same_device(**tensors: Tensor | None) -> None:
+    """ValueError unless every given tensor lives on the same device."""
+    named = [(n, t) for n, t in tensors.items() if t is not None]
+    first_name, first = named[0]
+    for name, t in named[1:]:
+        if t.device != first.device:
+            raise ValueError(
+                f"{name} is on {t.device} but {first_name} is on {first.device}; "
+                f"move them to one device (e.g. {name}.to({first_name}.device))"
+            )
+
+
+def _check_head_args(
+    x: Tensor,
+    weight: Tensor,
+    norm_weight: Tensor | None,
+    norm_bias: Tensor | None,
+    norm: str | None,
+    eps: float,
+) -> None:
+    check_floating("x", x)
+    check_floating("weight", weight)
+    check_choice("norm", norm, NORMS)
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension [..., D], got a 0-d tensor")
+    if weight.dim() != 2:
+        raise ValueError(
+            f"weight must be 2-D [V, D] (the nn.Linear layout), got shape {tuple(weight.shape)}"
+        )
+    dim = x.shape[-1]
+    if weight.shape[1] != dim:
+        raise ValueError(
+            f"weight has D={weight.shape[1]} columns but x has D={dim} features; "
+            "weight must be [V, D] (pass linear.weight, not its transpose)"
+        )
+    if weight.shape[0] < 1:
+        raise ValueError("weight must have at least one row (V >= 1)")
+    if weight.dtype != x.dtype:
+        raise TypeError(
+            f"weight is {weight.dtype} but x is {x.dtype}; cast one of them, "
+            "e.g. weight.to(x.dtype)"
+        )
+    if not isinstance(eps, (int, float)) or not eps > 0:
+        raise ValueError(f"eps must be a positive float, got {eps!r}")
+    for name, t in (("norm_weight", norm_weight), ("norm_bias", norm_bias)):
+        if t is None:
+            continue
+        check_floating(name, t)
+        if norm is None:
+            raise ValueError(f"{name} was given with norm=None; pass norm='rms' or 'layer'")
+        if tuple(t.shape) != (dim,):
+            raise ValueError(f"{name} must have shape ({dim},) to match x, got {tuple(t.shape)}")
+    if norm_bias is not None and norm == "rms":
+        raise ValueError("norm_bias is only used by norm='layer'; drop it or use norm='layer'")
+    check_same_device(x=x, weight=weight, norm_weight=norm_weight, norm_bias=norm_bias)
+
+
+def _check_targets(
+    targets: Tensor, x: Tensor, vocab: int, ignore_index: int, token_weights: Tensor | None
+) -> None:
+    if not isinstance(targets, Tensor) or targets.dtype not in (torch.int64, torch.int32):
+        got = targets.dtype if isinstance(targets, Tensor) else type(targets).__name__
+        raise TypeError(f"targets must be an int64 tensor of token ids, got {got}")
+    if targets.shape != x.shape[:-1]:
+        raise ValueError(
+            f"targets must have shape x.shape[:-1] = {tuple(x.shape[:-1])}, "
+            f"got {tuple(targets.shape)}"
+        )
+    check_same_device(x=x, targets=targets, token_weights=token_weights)
+    if token_weights is not None:
+        check_floating("token_weights", token_weights)
+        if token_weights.shape != targets.shape:
+            raise ValueError(
+                f"token_weights must have the shape of targets {tuple(targets.shape)}, "
+                f"got {tuple(token_weights.shape)}"
+            )
+    # Range check on CPU only: on CUDA it would cost a host synchronization
+    # (the Triton kernels treat an out-of-range target like ignore_index there).
+    if targets.device.type == "cpu" and targets.numel() > 0:
+        bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
+        if bool(bad.any()):
+            value = int(targets[bad][0])
+            raise ValueError(
+                f"targets must lie in [0, {vocab}) or equal ignore_index={ignore_index}; "
+                f"found {value}"
+            )
+
+
+def _flat(x: Tensor) -> Tensor:
+    """``[..., D] -> [N, D]``, contiguous (what the kernels expect)."""
+    return x.reshape(-1, x.shape[-1]).contiguous()
+
+
+# ----------------------------------------------------------------------------- ops
+
+
+def norm_head_logits(
+    x: Tensor,
+    weight: Tensor,
+    norm_weight: Tensor | None = None,
+    norm_bias: Tensor | None = None,
+    *,
+    norm: str | None = "rms",
+    eps: float = 1e-6,
+) -> Tensor:
+    """Exit-head logits ``norm(x) @ weight.T``: ``[..., V]`` in ``x.dtype``.
+
+    Differentiable w.r.t. ``x``, ``weight``, ``norm_weight`` and ``norm_bias``.
+    This op materializes ``N x V`` by definition; use :func:`exit_confidence`
+    or :func:`norm_head_cross_entropy` when you only need their results.
+    """
+    _check_head_args(x, weight, norm_weight, norm_bias, norm, eps)
+    if backend(x) == "torch":
+        return reference.norm_head_logits(x, weight, norm_weight, norm_bias, norm=norm, eps=eps)
+    from lego_kernels import head
+
+    logits = head.norm_head_logits(_flat(x), weight.contiguous(), norm_weight, norm_bias, norm, eps)
+    return logits.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def exit_confidence(
+    x: Tensor,
+    weight: Tensor,
+    norm_weight: Tensor | None = None,
+    norm_bias: Tensor | None = None,
+    *,
+    norm: str | None = "rms",
+    eps: float = 1e-6,
+    measure: str = "max_prob",
+) -> Confidence:
+    """Per-token confidence, prediction and logsumexp of the exit head, in one pass.
+
+    Returns ``Confidence(confidence f32, prediction i64, lse f32)``, each of
+    shape ``x.shape[:-1]``; never stores the ``N x V`` logits. No gradient.
+    ``measure``: ``"max_prob"`` | ``"margin"`` | ``"entropy"`` (higher = more confident).
+    """
+    _check_head_args(x, weight, norm_weight, norm_bias, norm, eps)
+    check_choice("measure", measure, MEASURES)
+    if backend(x) == "torch":
+        return reference.exit_confidence(
+            x, weight, norm_weight, norm_bias, norm=norm, eps=eps, measure=measure
+        )
+    from lego_kernels import head
+
+    lead = x.shape[:-1]
+    with torch.no_grad():
+        out = head.exit_confidence(
+            _flat(x), weight.contiguous(), norm_weight, norm_bias, norm, eps, measure
+        )
+    return Confidence(*(t.reshape(lead) for t in out))
+
+
+def confidence_from_logits(logits: Tensor, *, measure: str = "max_prob") -> Confidence:
+    """Confidence, prediction and logsumexp of logits ``[..., V]`` a caller already has."""
+    check_floating("logits", logits)
+    check_choice("measure", measure, MEASURES)
+    if logits.dim() < 1 or logits.shape[-1] < 1:
+        raise ValueError(f"logits must be [..., V] with V >= 1, got shape {tuple(logits.shape)}")
+    if backend(logits) == "torch":
+        with torch.no_grad():
+            return reference.confidence_from_logits(logits, measure=measure)
+    from lego_kernels import head
+
+    lead = logits.shape[:-1]
+    with torch.no_grad():
+        out = head.confidence_from_logits(_flat(logits), measure)
+    return Confidence(*(t.reshape(lead) for t in out))
+
+
+def norm_head_cross_entropy(
+    x: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    norm_weight: Tensor | None = None,
+    norm_bias: Tensor | None = None,
+    *,
+    norm: str | None = "rms",
+    eps: float = 1e-6,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    token_weights: Tensor | None = None,
+    return_confidence: bool = False,
+    measure: str = "max_prob",
+) -> Tensor | tuple[Tensor, Confidence]:
+    """Cross-entropy of the exit head, ``cross_entropy(norm(x) @ weight.T, targets)``.
+
+    Never materializes ``N x V`` (forward or backward). Loss is float32:
+    a scalar for ``reduction="mean"``/``"sum"``, ``x.shape[:-1]`` for ``"none"``.
+    ``mean`` divides by the number of non-ignored tokens (0 if there is none);
+    with ``token_weights`` each token's loss is multiplied by its weight first.
+    Backward computes only the gradients that are required (a frozen head
+    costs no ``dW``). With ``return_confidence=True`` returns
+    ``(loss, Confidence)`` from the same pass, using ``measure``.
+    """
+    _check_head_args(x, weight, norm_weight, norm_bias, norm, eps)
+    check_choice("reduction", reduction, REDUCTIONS)
+    check_choice("measure", measure, MEASURES)
+    if not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    _check_targets(targets, x, weight.shape[0], ignore_index, token_weights)
+    targets = targets.long()
+    if backend(x) == "torch":
+        return reference.norm_head_cross_entropy(
+            x,
+            weight,
+            targets,
+            norm_weight,
+            norm_bias,
+            norm=norm,
+            eps=eps,
+            ignore_index=ignore_index,
+            reduction=reduction,
+            token_weights=token_weights,
+            return_confidence=return_confidence,
+            measure=measure,
+        )
+    from lego_kernels import head
+
+    lead = x.shape[:-1]
+    out = head.norm_head_cross_entropy(
+        _flat(x),
+        weight.contiguous(),
+        targets.reshape(-1).contiguous(),
+        norm_weight,
+        norm_bias,
+        norm,
+        eps,
+        ignore_index,
+        reduction,
+        None if token_weights is None else token_weights.reshape(-1).float().contiguous(),
+        return_confidence,
+        measure,
+    )
+    if not return_confidence:
+        return out.reshape(lead) if reduction == "none" else out
+    loss, conf = out
+    loss = loss.reshape(lead) if reduction == "none" else loss
+    return loss, Confidence(*(t.reshape(lead) for t in conf))
