@@ -126,8 +126,9 @@ def confidence_from_logits(logits: Tensor, *, measure: str = "max_prob") -> Conf
     return Confidence(confidence, prediction, lse)
 
 
-def _chunks(num_tokens: int, chunk: int = CHUNK_TOKENS) -> range:
-    return range(0, num_tokens, chunk)
+def _chunks(num_tokens: int) -> range:
+    """Start rows of the token chunks (``CHUNK_TOKENS`` is read at call time)."""
+    return range(0, num_tokens, CHUNK_TOKENS)
 
 
 def exit_confidence(
