@@ -16,6 +16,7 @@ package works on machines without Triton.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from collections.abc import Iterator
 
@@ -23,15 +24,19 @@ import torch
 from torch import Tensor
 
 from lego_kernels import reference
-from lego_kernels.reference import MEASURES, NORMS, REDUCTIONS, Confidence
+from lego_kernels.reference import MEASURES, NORMS, REDUCTIONS, Confidence, RoutePlan
 
 __all__ = [
     "Confidence",
+    "RoutePlan",
     "backend",
     "confidence_from_logits",
     "exit_confidence",
+    "gather_tokens",
     "norm_head_cross_entropy",
     "norm_head_logits",
+    "route",
+    "scatter_tokens",
     "use_backend",
 ]
 
@@ -330,3 +335,133 @@ def norm_head_cross_entropy(
     loss, conf = out
     loss = loss.reshape(lead) if reduction == "none" else loss
     return loss, Confidence(*(t.reshape(lead) for t in conf))
+
+
+# ----------------------------------------------------------------------------- routing
+
+
+def _check_threshold(threshold: object, confidence: Tensor) -> float | Tensor:
+    """A Python float, or a 0-d tensor on ``confidence``'s device (read there, no sync).
+
+    A CPU tensor for a CUDA ``confidence`` becomes a float (no device sync). A NaN float
+    is rejected; a tensor on ``confidence``'s device is never read on the host (that would
+    sync, or break a ``torch.compile`` graph), so a NaN there makes every token hard.
+    """
+    if isinstance(threshold, Tensor):
+        check_floating("threshold", threshold)
+        if threshold.dim() != 0:
+            raise ValueError(
+                f"threshold must be a float or a 0-d tensor, got shape {tuple(threshold.shape)}; "
+                "pass one value, e.g. threshold.reshape(())"
+            )
+        if threshold.device != confidence.device and threshold.device.type == "cpu":
+            threshold = threshold.item()
+        else:
+            check_same_device(confidence=confidence, threshold=threshold)
+            return threshold.detach()
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+        raise TypeError(
+            f"threshold must be a float or a 0-d floating tensor, got {type(threshold).__name__}"
+        )
+    if threshold != threshold:  # NaN (math.isnan would break torch.compile's graph)
+        raise ValueError("threshold is NaN; pass a number (tokens below it are hard)")
+    return float(threshold)
+
+
+def _check_plan(plan: object, name: str, x: Tensor) -> None:
+    """TypeError/ValueError unless ``plan`` is a RoutePlan for the tokens of ``x [..., D]``."""
+    if not isinstance(plan, RoutePlan):
+        raise TypeError(f"plan must be the RoutePlan from ops.route, got {type(plan).__name__}")
+    indices = plan.indices
+    if not isinstance(indices, Tensor) or indices.dtype != torch.int64 or indices.dim() != 1:
+        raise TypeError("plan.indices must be a 1-D int64 tensor; build the plan with ops.route")
+    if x.dim() < 1:
+        raise ValueError(f"{name} must have at least one dimension [..., D], got a 0-d tensor")
+    tokens = math.prod(x.shape[:-1])
+    if tokens != plan.num_tokens:
+        raise ValueError(
+            f"{name} has {tokens} tokens (shape {tuple(x.shape)}) but plan was built for "
+            f"{plan.num_tokens}; route the confidence of these same tokens"
+        )
+    check_same_device(**{name: x, "plan.indices": indices})
+
+
+def route(
+    confidence: Tensor, threshold: float | Tensor, *, capacity: int | None = None
+) -> RoutePlan:
+    """Plan of the hard tokens, those with ``confidence < threshold``, in ascending order.
+
+    ``confidence [...]`` (any float dtype, compared in float32) is flattened to N tokens;
+    a NaN confidence counts as hard (``hard = not (confidence >= threshold)``, so
+    ``exited = confidence >= threshold`` is its exact complement). ``threshold`` is a
+    float or a 0-d tensor (kept on the device: no synchronization).
+
+    Returns ``RoutePlan(indices, count, num_tokens)``: ``indices`` int64 flat token
+    indices, ``count`` a 0-d int64 tensor (the true number of hard tokens), ``num_tokens``
+    N. Without ``capacity``, ``indices`` has ``count`` entries (one host synchronization);
+    with ``capacity`` it has exactly ``capacity`` entries and nothing is synchronized
+    (CUDA graphs and ``torch.compile`` work): the first ``min(count, capacity)`` are the
+    first hard tokens, the rest -1; hard tokens past the capacity are left out (they exit),
+    and ``count > capacity`` shows it. Not differentiable.
+    """
+    check_floating("confidence", confidence)
+    threshold = _check_threshold(threshold, confidence)
+    if capacity is not None:
+        if isinstance(capacity, bool) or not isinstance(capacity, int):
+            raise TypeError(f"capacity must be an int or None, got {type(capacity).__name__}")
+        if capacity < 0:
+            raise ValueError(f"capacity must be >= 0 (slots in plan.indices), got {capacity}")
+    if backend(confidence) == "torch":
+        return reference.route(confidence, threshold, capacity=capacity)
+    from lego_kernels import routing
+
+    indices, count = routing.route(confidence.reshape(-1), threshold, capacity)
+    return RoutePlan(indices, count, confidence.numel())
+
+
+def gather_tokens(x: Tensor, plan: RoutePlan) -> Tensor:
+    """The hard rows of ``x [..., D]`` (N tokens): ``[K, D]`` in x's dtype, K = len(plan.indices).
+
+    Row ``k`` is token ``plan.indices[k]``, zeros where it is -1. Differentiable: the
+    gradient flows back to those rows of ``x`` (zero elsewhere).
+    """
+    check_floating("x", x)
+    _check_plan(plan, "x", x)
+    if backend(x) == "torch":
+        return reference.gather_tokens(x, plan)
+    from lego_kernels import routing
+
+    rows = x.reshape(plan.num_tokens, x.shape[-1])
+    return routing.gather_tokens(rows, plan.indices.contiguous())
+
+
+def scatter_tokens(base: Tensor, src: Tensor, plan: RoutePlan) -> Tensor:
+    """Copy of ``base [..., D]`` with the rows ``plan.indices`` replaced by ``src [K, D]``.
+
+    Out of place; entries -1 are skipped (their ``src`` rows are dropped). Differentiable
+    w.r.t. both: ``src`` gets the gradient of its rows, ``base`` the gradient with the
+    replaced rows zeroed.
+    """
+    check_floating("base", base)
+    check_floating("src", src)
+    _check_plan(plan, "base", base)
+    dim, slots = base.shape[-1], plan.indices.shape[0]
+    if src.dim() != 2 or src.shape[1] != dim:
+        raise ValueError(
+            f"src must be [K, D] with D={dim} like base, got shape {tuple(src.shape)}; "
+            "pass the deep layers' output for ops.gather_tokens(x, plan)"
+        )
+    if src.shape[0] != slots:
+        raise ValueError(
+            f"src has {src.shape[0]} rows but plan.indices has {slots}; "
+            "pass one row per plan entry (the shape of ops.gather_tokens(x, plan))"
+        )
+    if src.dtype != base.dtype:
+        raise TypeError(f"src is {src.dtype} but base is {base.dtype}; cast it: src.to(base.dtype)")
+    check_same_device(base=base, src=src)
+    if backend(base) == "torch":
+        return reference.scatter_tokens(base, src, plan)
+    from lego_kernels import routing
+
+    rows = base.reshape(plan.num_tokens, dim)
+    return routing.scatter_tokens(rows, src, plan.indices.contiguous()).reshape(base.shape)

@@ -260,3 +260,72 @@ def norm_head_cross_entropy(
     if not return_confidence:
         return loss
     return loss, Confidence(confidence.reshape(lead), prediction.reshape(lead), lse.reshape(lead))
+
+
+# ----------------------------------------------------------------------------- routing
+
+
+class RoutePlan(NamedTuple):
+    """The hard tokens (those that continue past an exit), as built by ``route``.
+
+    - ``indices``: int64 ``[K]``, flat token indices in ascending order; with a
+      capacity ``K = capacity`` and the slots past the count hold -1;
+    - ``count``: 0-d int64 tensor on the device, the true number of hard tokens
+      (``count > capacity`` means some hard tokens did not fit and exit instead);
+    - ``num_tokens``: ``N``, the number of tokens the plan was built for.
+    """
+
+    indices: Tensor
+    count: Tensor
+    num_tokens: int
+
+
+def hard_mask(confidence: Tensor, threshold: float | Tensor) -> Tensor:
+    """``not (confidence >= threshold)``, compared in float32: a NaN confidence is hard."""
+    return ~(confidence.float() >= threshold)
+
+
+def route(
+    confidence: Tensor, threshold: float | Tensor, *, capacity: int | None = None
+) -> RoutePlan:
+    """Plan of the hard tokens of ``confidence [...]`` (flattened to N tokens).
+
+    Without ``capacity``: ``indices = nonzero(hard)`` (one host synchronization).
+    With ``capacity``: static shapes and no synchronization; the hard token ``i``
+    takes slot ``cumsum(hard)_i - 1`` when that is below ``capacity``, other tokens
+    go to a dump slot that is dropped, and free slots keep -1.
+    """
+    hard = hard_mask(confidence.reshape(-1), threshold)
+    count = hard.sum()
+    if capacity is None:
+        return RoutePlan(torch.nonzero(hard).squeeze(1), count, hard.numel())
+    slots = torch.cumsum(hard, 0) - 1
+    slots = torch.where(hard & (slots < capacity), slots, capacity)
+    tokens = torch.arange(hard.numel(), device=hard.device)
+    indices = torch.full((capacity + 1,), -1, dtype=torch.int64, device=hard.device)
+    return RoutePlan(indices.scatter(0, slots, tokens)[:capacity], count, hard.numel())
+
+
+def _rows_with_dump(x: Tensor, num_tokens: int) -> Tensor:
+    """``x [..., D]`` as ``[N + 1, D]``: the extra zero row stands in for the -1 entries."""
+    rows = x.reshape(num_tokens, x.shape[-1])
+    return torch.cat([rows, rows.new_zeros(1, rows.shape[1])])
+
+
+def _dump_targets(plan: RoutePlan) -> Tensor:
+    """``plan.indices`` with each -1 replaced by ``N``, the dump row."""
+    return torch.where(plan.indices >= 0, plan.indices, plan.num_tokens)
+
+
+def gather_tokens(x: Tensor, plan: RoutePlan) -> Tensor:
+    """Rows ``plan.indices`` of ``x [..., D]`` (as ``[N, D]``): ``[K, D]``, zeros for -1."""
+    return _rows_with_dump(x, plan.num_tokens).index_select(0, _dump_targets(plan))
+
+
+def scatter_tokens(base: Tensor, src: Tensor, plan: RoutePlan) -> Tensor:
+    """Copy of ``base [..., D]`` with rows ``plan.indices`` replaced by ``src [K, D]``.
+
+    -1 entries are skipped: they are copied into the dump row, which is dropped.
+    """
+    padded = _rows_with_dump(base, plan.num_tokens)
+    return padded.index_copy(0, _dump_targets(plan), src)[:-1].reshape(base.shape)
