@@ -49,9 +49,10 @@ def backend(x: Tensor) -> str:
 
     ``"triton"`` for CUDA tensors; ``"triton-interpreter"`` for CPU tensors
     when ``TRITON_INTERPRET=1`` was set before ``lego_kernels`` was imported;
-    ``"torch"`` (the reference) otherwise, or inside ``use_backend("torch")``.
+    ``"torch"`` (the reference) otherwise: for float64 tensors (the kernels take
+    float32, bfloat16 and float16), and inside ``use_backend("torch")``.
     """
-    if _FORCED_BACKEND == "torch":
+    if _FORCED_BACKEND == "torch" or x.dtype == torch.float64:
         return "torch"
     if x.is_cuda:
         return "triton"
@@ -190,6 +191,11 @@ def _flat(x: Tensor) -> Tensor:
     return x.reshape(-1, x.shape[-1]).contiguous()
 
 
+def _contiguous(t: Tensor | None) -> Tensor | None:
+    """``t.contiguous()``, passing ``None`` through (optional norm weight and bias)."""
+    return None if t is None else t.contiguous()
+
+
 # ----------------------------------------------------------------------------- ops
 
 
@@ -213,7 +219,9 @@ def norm_head_logits(
         return reference.norm_head_logits(x, weight, norm_weight, norm_bias, norm=norm, eps=eps)
     from lego_kernels import head
 
-    logits = head.norm_head_logits(_flat(x), weight.contiguous(), norm_weight, norm_bias, norm, eps)
+    logits = head.norm_head_logits(
+        _flat(x), weight.contiguous(), _contiguous(norm_weight), _contiguous(norm_bias), norm, eps
+    )
     return logits.reshape(*x.shape[:-1], weight.shape[0])
 
 
@@ -244,7 +252,13 @@ def exit_confidence(
     lead = x.shape[:-1]
     with torch.no_grad():
         out = head.exit_confidence(
-            _flat(x), weight.contiguous(), norm_weight, norm_bias, norm, eps, measure
+            _flat(x),
+            weight.contiguous(),
+            _contiguous(norm_weight),
+            _contiguous(norm_bias),
+            norm,
+            eps,
+            measure,
         )
     return Confidence(*(t.reshape(lead) for t in out))
 
@@ -320,8 +334,8 @@ def norm_head_cross_entropy(
         _flat(x),
         weight.contiguous(),
         targets.reshape(-1).contiguous(),
-        norm_weight,
-        norm_bias,
+        _contiguous(norm_weight),
+        _contiguous(norm_bias),
         norm,
         eps,
         ignore_index,
