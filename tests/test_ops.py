@@ -24,6 +24,7 @@ def test_backend_names():
     x = torch.randn(2, D)
     # tests/conftest.py sets TRITON_INTERPRET=1 before lego_kernels is imported
     assert ops.backend(x) == "triton-interpreter"
+    assert ops.backend(x.double()) == "torch"  # the kernels take float32/bf16/fp16
     with ops.use_backend("torch"):
         assert ops.backend(x) == "torch"
     assert ops.backend(x) == "triton-interpreter"
