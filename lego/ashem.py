@@ -1,0 +1,226 @@
+"""ASHEM: hard-example mining, selective layer expansion and two-stage inference.
+
+``run_ashem`` (DESIGN section 2):
+
+1. Phase 1: train the ``phase1_layers`` model on all training windows, early stopping
+   on validation perplexity, best epoch restored.
+2. Threshold: the ``hard_example_ratio`` quantile of the exit confidence at layer
+   ``phase1_layers`` on the mining split, so that share of its tokens is hard.
+3. Hard tokens: those with confidence below the threshold.
+4. Phase 2: ``model.extend(phase2_layers)``; the embedding, the lower layers and every
+   exit that already exists stay frozen (bit-identical); the new layers train on the
+   hard tokens only, with early stopping on the validation two-stage perplexity.
+5. Two-stage evaluation (``LegoModel.early_exit``): easy tokens exit at
+   ``phase1_layers``, hard ones run the full depth.
+
+Protocols:
+
+- ``"honest"`` (default): threshold and hard tokens from the training split; phase 2
+  runs the new layers through ``LegoModel.run_layers_routed`` on the training windows,
+  with the attention ``context`` that inference uses; early stopping on validation;
+  final numbers on test.
+- ``"seed"``: the paper draft's procedure, to compare with its numbers: hard tokens
+  mined from the validation split, phase 2 trained on them with each hard token fed
+  alone to the new layers (its exit-layer state as a length-1 sequence, no context),
+  early stopping and final numbers on validation too.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from lego.config import ASHEMConfig, StageConfig, TrainingConfig
+from lego.data import Corpus, batch_indices
+from lego.model import LegoModel
+from lego.trainer import FitResult, Trainer, evaluate, exit_outputs
+from lego_kernels import ops
+
+PROTOCOLS = ("honest", "seed")
+
+
+@dataclass
+class ASHEMResult:
+    """Outcome of ``run_ashem``.
+
+    ``threshold``: the exit-confidence threshold; ``hard_ratio``: the share of hard
+    tokens in the mining split; ``phase1``/``phase2``: their ``FitResult``; ``eval``:
+    the split evaluated (``"split"``) and its metrics ``phase1_ppl``, ``phase1_acc``,
+    ``phase1_hard_ppl``, ``two_stage_ppl``, ``two_stage_acc``, ``hard_ppl``,
+    ``exit_ratio``, ``layer_cost``, ``flops_cost``, ``wall_time_s``.
+    """
+
+    threshold: float
+    hard_ratio: float
+    phase1: FitResult
+    phase2: FitResult
+    eval: dict[str, float | str]
+
+
+class RoutedHardTokenTrainer(Trainer):
+    """Phase 2, honest protocol: a batch is ``(windows [B, T + 1], hard bool [B, T])``.
+
+    The frozen lower layers run without grad; the new layers run on the hard tokens only
+    through ``run_layers_routed`` (queries, attention output and FFN on the gathered hard
+    rows; keys/values per ``context``); the loss is the deep exit's on the hard tokens.
+    """
+
+    def batch_loss(self, windows: Tensor, hard: Tensor) -> Tensor:
+        model, targets, exit_layer = self.model, windows[:, 1:], self.config.exit_layer
+        with torch.no_grad():
+            h = model.run_layers(model.embed(windows[:, :-1]), 1, exit_layer)
+        h = model.run_layers_routed(
+            h, hard, exit_layer + 1, model.config.num_layers, context=self.context
+        )
+        return model.exit_loss(h[hard], targets[hard])
+
+
+class IsolatedHardTokenTrainer(Trainer):
+    """Phase 2, seed protocol: a batch is ``(states [K, D], targets [K])``, the exit-layer
+    states of hard tokens, each run through the new layers alone (a length-1 sequence)."""
+
+    def batch_loss(self, states: Tensor, targets: Tensor) -> Tensor:
+        model = self.model
+        h = model.run_layers(
+            states[:, None, :], self.config.exit_layer + 1, model.config.num_layers
+        )
+        return model.exit_loss(h[:, 0], targets)
+
+
+def confidence_threshold(confidence: Tensor, ratio: float) -> float:
+    """The ``ratio`` quantile of ``confidence`` (any shape, float32) as an order statistic:
+    the ``floor(ratio * n)``-th smallest value (0-based), so that ``confidence < threshold``
+    holds for ``floor(ratio * n)`` tokens when values are distinct."""
+    if not 0.0 < ratio < 1.0:
+        raise ValueError(f"ratio must be in (0, 1), got {ratio}")
+    values = confidence.flatten().sort().values
+    if values.numel() == 0:
+        raise ValueError("confidence is empty: no token to take a quantile of")
+    return values[int(ratio * values.numel())].item()
+
+
+@torch.no_grad()
+def hard_token_states(
+    model: LegoModel, windows: Tensor, hard: Tensor, *, exit_layer: int, batch_size: int = 64
+) -> tuple[Tensor, Tensor]:
+    """The exit-layer states and targets of the hard tokens (seed protocol's phase-2 data).
+
+    ``windows`` int64 ``[n, T + 1]``, ``hard`` bool ``[n, T]``. Returns ``states``
+    ``[K, D]`` (model dtype) and ``targets`` int64 ``[K]``, in token order, on the CPU.
+    """
+    device = next(model.parameters()).device
+    states, targets = [], []
+    for idx in batch_indices(windows.shape[0], batch_size):
+        batch, mask = windows[idx].to(device), hard[idx].to(device)
+        h = model.run_layers(model.embed(batch[:, :-1]), 1, exit_layer)
+        states.append(h[mask].cpu())
+        targets.append(batch[:, 1:][mask].cpu())
+    return torch.cat(states), torch.cat(targets)
+
+
+def run_ashem(
+    model: LegoModel,
+    corpus: Corpus,
+    config: ASHEMConfig,
+    *,
+    protocol: str = "honest",
+    context: str = "propagate",
+    measure: str = "max_prob",
+    epochs: int = 10,
+    batch_size: int = 64,
+    seed: int = 0,
+    quiet: bool = False,
+) -> ASHEMResult:
+    """Run ASHEM on ``corpus`` with ``model`` (a fresh ``config.phase1_layers``-layer
+    ``LegoModel``; it is trained, extended to ``config.phase2_layers`` and left so).
+
+    ``protocol``: ``"honest"`` or ``"seed"`` (module docstring); ``context``: the deep
+    layers' attention context in phase 2 and at inference; ``measure``: the confidence
+    measure; ``epochs``: the most epochs of each phase; ``seed``: shuffling.
+    """
+    ops.check_choice("protocol", protocol, PROTOCOLS)
+    if not isinstance(config, ASHEMConfig):
+        raise TypeError(f"config must be an ASHEMConfig, got {type(config).__name__}")
+    low, high = config.phase1_layers, config.phase2_layers
+    if model.config.num_layers != low:
+        raise ValueError(
+            f"model has {model.config.num_layers} layers but config.phase1_layers is {low}; "
+            f"build it with ModelConfig(num_layers={low})"
+        )
+    common = {"batch_size": batch_size, "context": context, "measure": measure, "quiet": quiet}
+
+    # Phase 1: the shallow model on all training windows.
+    phase1_config = TrainingConfig(stages=[StageConfig(layers=(1, low))])
+    phase1 = Trainer(model, phase1_config, lr=config.phase1_lr, seed=seed, **common).fit(
+        corpus.train, corpus.valid, epochs=epochs, patience=config.phase1_patience, desc="phase 1"
+    )
+
+    # Threshold and hard tokens from the mining split; phase-1 numbers on the evaluation
+    # split (the phase-1 exit stays frozen from here on).
+    mine_split, eval_split = ("train", "test") if protocol == "honest" else ("valid", "valid")
+    outputs = {
+        split: exit_outputs(
+            model,
+            corpus.split(split),
+            exit_layer=low,
+            batch_size=batch_size,
+            measure=measure,
+            quiet=quiet,
+        )
+        for split in {mine_split, eval_split}
+    }
+    mine = corpus.split(mine_split)
+    threshold = confidence_threshold(outputs[mine_split][1].confidence, config.hard_example_ratio)
+    hard = outputs[mine_split][1].confidence < threshold
+    if not hard.any():
+        raise ValueError(
+            f"no token has exit confidence below the threshold {threshold} "
+            f"(hard_example_ratio={config.hard_example_ratio}): phase 2 has nothing to learn"
+        )
+    windows = corpus.split(eval_split)
+    nll1, conf1 = outputs[eval_split]
+    hard1 = conf1.confidence < threshold
+    phase1_eval = {
+        "phase1_ppl": math.exp(nll1.mean().item()),
+        "phase1_acc": (conf1.prediction == windows[:, 1:]).float().mean().item(),
+        "phase1_hard_ppl": math.exp(nll1[hard1].mean().item()) if hard1.any() else math.nan,
+    }
+
+    # Phase 2: new layers on the hard tokens, everything that existed frozen.
+    if protocol == "seed":
+        data = hard_token_states(model, mine, hard, exit_layer=low, batch_size=batch_size)
+    else:
+        keep = hard.any(dim=1)
+        data = (mine[keep], hard[keep])
+    model.extend(high)
+    model.freeze_lower(low, head=not model.config.per_exit_heads)
+    phase2_config = TrainingConfig(
+        stages=[StageConfig(layers=(low + 1, high))], routing_threshold=threshold, exit_layer=low
+    )
+    phase2_class = IsolatedHardTokenTrainer if protocol == "seed" else RoutedHardTokenTrainer
+    phase2 = phase2_class(model, phase2_config, lr=config.phase2_lr, seed=seed, **common).fit(
+        data, corpus.valid, epochs=epochs, patience=config.phase2_patience, desc="phase 2"
+    )
+
+    # Two-stage evaluation.
+    two_stage = evaluate(model, windows, exit_layer=low, threshold=threshold, **common)
+    return ASHEMResult(
+        threshold=threshold,
+        hard_ratio=hard.float().mean().item(),
+        phase1=phase1,
+        phase2=phase2,
+        eval={
+            "split": eval_split,
+            **phase1_eval,
+            "two_stage_ppl": two_stage["ppl"],
+            "two_stage_acc": two_stage["acc"],
+            "hard_ppl": two_stage["hard_ppl"],
+            "exit_ratio": two_stage["exit_ratio"],
+            "layer_cost": two_stage["layer_cost"],
+            "flops_cost": two_stage["flops_cost"],
+            "wall_time_s": two_stage["wall_time_s"],
+        },
+    )

@@ -1,0 +1,426 @@
+"""Command line: ``python -m lego.train`` (standard, deep supervision or ASHEM).
+
+Defaults reproduce the paper draft's configuration: WikiText-2, dim 64, 4 heads,
+sequences of 32 tokens, batch 64, 10,000 training windows, ASHEM from 2 to 4
+layers with hard ratio 0.5 and its learning rates and patience. Prints a results
+table and writes a JSON file (``--out``, default
+``runs/<strategy>-<dataset>-<protocol>-seed<seed>.json``)::
+
+    python -m lego.train --strategy ashem
+    python -m lego.train --strategy deep-supervision --exit-layer 2 --threshold 0.3
+    python -m lego.train --dataset synthetic --samples 512 --epochs 3 --dim 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import sys
+import time
+from typing import NoReturn
+
+import torch
+
+import lego_kernels
+from lego.ashem import PROTOCOLS, run_ashem
+from lego.config import ASHEMConfig, ModelConfig, StageConfig, TrainingConfig
+from lego.data import Corpus, load_wikitext2, synthetic_corpus
+from lego.model import CONTEXTS, LegoModel
+from lego.trainer import Trainer, evaluate
+from lego_kernels import ops
+from lego_kernels.reference import MEASURES
+
+STRATEGIES = ("standard", "deep-supervision", "ashem")
+DATASETS = ("wikitext-2", "synthetic")
+# Flags that only one family of strategies reads, with their defaults; giving one to
+# the other family is an error rather than a silently ignored setting.
+STAGE_FLAGS = {"layers": 4, "threshold": 0.0, "exit_layer": 2}
+ASHEM = ASHEMConfig()
+ASHEM_FLAGS = {
+    "phase1_layers": ASHEM.phase1_layers,
+    "phase2_layers": ASHEM.phase2_layers,
+    "hard_ratio": ASHEM.hard_example_ratio,
+    "phase2_lr": ASHEM.phase2_lr,
+    "phase2_patience": ASHEM.phase2_patience,
+}
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """``argparse`` whose errors are one line on stderr (exit status 2), no usage dump."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _number(text: str, kind: type) -> int | float:
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}") from None
+
+
+def _positive_int(text: str) -> int:
+    value = _number(text, int)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = _number(text, int)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _number(text, float)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
+    return value
+
+
+def _open_unit_float(text: str) -> float:
+    value = _number(text, float)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must lie in (0, 1), got {text}")
+    return value
+
+
+def _unit_float(text: str) -> float:
+    value = _number(text, float)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {text}")
+    return value
+
+
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def build_parser() -> ArgumentParser:
+    """The command line's parser (defaults: the draft's configuration)."""
+    p = ArgumentParser(
+        prog="python -m lego.train",
+        description="Train an early-exit Transformer (standard, LEGO deep supervision or "
+        "ASHEM) on WikiText-2 or a synthetic corpus; print a results table and write JSON.",
+    )
+    add = p.add_argument
+    add("--strategy", choices=STRATEGIES, default="ashem", help="default: %(default)s")
+    add("--dataset", choices=DATASETS, default="wikitext-2", help="default: %(default)s")
+    add(
+        "--data-dir",
+        help="folder with wiki.{train,valid,test}.tokens (default: $LEGO_DATA_DIR, else the hub)",
+    )
+    add(
+        "--samples",
+        type=_non_negative_int,
+        default=10_000,
+        help="training windows kept, 0 = all (default: %(default)s)",
+    )
+    add("--epochs", type=_positive_int, default=10, help="most epochs per phase (default: 10)")
+    add("--layers", type=_positive_int, help="model depth, standard/deep-supervision (default: 4)")
+    add("--phase1-layers", type=_positive_int, help="ASHEM phase-1 depth (default: 2)")
+    add("--phase2-layers", type=_positive_int, help="ASHEM phase-2 depth (default: 4)")
+    add("--dim", type=_positive_int, default=64, help="model width (default: %(default)s)")
+    add("--heads", type=_positive_int, default=4, help="attention heads (default: %(default)s)")
+    add("--seq-len", type=_positive_int, default=32, help="tokens per window (default: 32)")
+    add("--batch-size", type=_positive_int, default=64, help="windows per step (default: 64)")
+    add(
+        "--lr",
+        type=_positive_float,
+        default=ASHEM.phase1_lr,
+        help="AdamW learning rate (ASHEM: phase 1) (default: %(default)s)",
+    )
+    add("--phase2-lr", type=_positive_float, help="ASHEM phase-2 learning rate (default: 1e-4)")
+    add(
+        "--patience",
+        type=_non_negative_int,
+        default=ASHEM.phase1_patience,
+        help="early-stopping patience in epochs (ASHEM: phase 1) (default: %(default)s)",
+    )
+    add("--phase2-patience", type=_non_negative_int, help="ASHEM phase-2 patience (default: 3)")
+    add(
+        "--hard-ratio",
+        type=_open_unit_float,
+        help="ASHEM share of hard tokens, in (0, 1) (default: 0.5)",
+    )
+    add(
+        "--exit-layer",
+        type=_positive_int,
+        help="deep-supervision exit / early-exit layer, standard/deep-supervision (default: 2)",
+    )
+    add(
+        "--threshold",
+        type=_unit_float,
+        help="early-exit confidence threshold in [0, 1], 0 = off, standard/deep-supervision "
+        "(default: 0; ASHEM picks it from --hard-ratio)",
+    )
+    add("--context", choices=CONTEXTS, default="propagate", help="default: %(default)s")
+    add("--measure", choices=MEASURES, default="max_prob", help="default: %(default)s")
+    add(
+        "--protocol",
+        choices=PROTOCOLS,
+        default="honest",
+        help="honest: tune on validation, report test; seed: the draft's (default: %(default)s)",
+    )
+    add("--device", default=_default_device(), help="default: cuda when available, else cpu")
+    add("--seed", type=_non_negative_int, default=0, help="default: %(default)s")
+    add("--out", help="JSON file to write (default: runs/<strategy>-<dataset>-<protocol>-seed<N>)")
+    add("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def resolve_args(parser: ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse ``argv`` and fill the strategy-specific defaults; flags that the chosen
+    strategy does not read are an error (through ``parser.error``)."""
+    args = parser.parse_args(argv)
+    ashem = args.strategy == "ashem"
+    used, unused = (ASHEM_FLAGS, STAGE_FLAGS) if ashem else (STAGE_FLAGS, ASHEM_FLAGS)
+    for name in unused:
+        if getattr(args, name) is not None:
+            parser.error(f"--{name.replace('_', '-')} does not apply to --strategy {args.strategy}")
+        delattr(args, name)
+    for name, default in used.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        parser.error(f"--device: expected cpu, cuda or cuda:N, got {args.device!r}")
+    args.device = str(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA GPU is available here; use --device cpu")
+    return args
+
+
+def load_corpus(args: argparse.Namespace) -> Corpus:
+    """The dataset of ``args`` as windows of ``args.seq_len + 1`` tokens."""
+    samples = args.samples or None
+    if args.dataset == "synthetic":
+        train = samples or 10_000
+        held_out = max(1, train // 8)
+        return synthetic_corpus(
+            args.seq_len,
+            train_windows=train,
+            valid_windows=held_out,
+            test_windows=held_out,
+            seed=args.seed,
+        )
+    seed = args.protocol == "seed"
+    return load_wikitext2(
+        args.seq_len,
+        data_dir=args.data_dir,
+        samples=samples,
+        variant="seed" if seed else "standard",
+        limit_eval=seed,
+    )
+
+
+def build_configs(
+    args: argparse.Namespace, vocab_size: int
+) -> tuple[ModelConfig, TrainingConfig | ASHEMConfig]:
+    """The model config and the training (standard, deep supervision) or ASHEM config of
+    ``args``; ``ValueError`` for settings that do not fit together."""
+    ashem = args.strategy == "ashem"
+    model_config = ModelConfig(
+        vocab_size=vocab_size,
+        dim=args.dim,
+        num_layers=args.phase1_layers if ashem else args.layers,
+        num_heads=args.heads,
+        max_seq_len=args.seq_len,
+    )
+    if ashem:
+        return model_config, ASHEMConfig(
+            phase1_layers=args.phase1_layers,
+            phase1_lr=args.lr,
+            phase1_patience=args.patience,
+            hard_example_ratio=args.hard_ratio,
+            phase2_layers=args.phase2_layers,
+            phase2_lr=args.phase2_lr,
+            phase2_patience=args.phase2_patience,
+        )
+    deep = args.strategy == "deep-supervision"
+    if (deep or args.threshold > 0) and not args.exit_layer < args.layers:
+        raise ValueError(
+            f"--exit-layer ({args.exit_layer}) must lie below --layers ({args.layers}) "
+            "for deep supervision or early exit (--threshold > 0)"
+        )
+    stages = [StageConfig(layers=(1, args.layers))]
+    if deep:
+        stages = [
+            StageConfig(layers=(1, args.exit_layer)),
+            StageConfig(layers=(args.exit_layer + 1, args.layers)),
+        ]
+    training = TrainingConfig(
+        stages=stages, routing_threshold=args.threshold, exit_layer=args.exit_layer
+    )
+    training.check_model(args.layers)
+    return model_config, training
+
+
+def run(
+    args: argparse.Namespace,
+    corpus: Corpus,
+    model_config: ModelConfig,
+    config: TrainingConfig | ASHEMConfig,
+) -> dict:
+    """Train and evaluate per ``args``; returns the results (the JSON of the issue)."""
+    start = time.perf_counter()
+    torch.manual_seed(args.seed)
+    model = LegoModel(model_config).to(args.device)
+    common = {
+        "batch_size": args.batch_size,
+        "context": args.context,
+        "measure": args.measure,
+        "quiet": args.quiet,
+    }
+    on_cuda = args.device.startswith("cuda")
+    results: dict = {
+        "strategy": args.strategy,
+        "protocol": args.protocol,
+        "dataset": args.dataset,
+        "device": args.device,
+        "device_name": torch.cuda.get_device_name(args.device) if on_cuda else platform.machine(),
+        "backend": ops.backend(model.embedding.weight),
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "lego_kernels": lego_kernels.__version__,
+        },
+        "config": {
+            **vars(args),
+            "vocab_size": corpus.vocab_size,
+            "model": dataclasses.asdict(model_config),
+            "ashem" if isinstance(config, ASHEMConfig) else "training": dataclasses.asdict(config),
+        },
+    }
+    if isinstance(config, ASHEMConfig):
+        out = run_ashem(
+            model,
+            corpus,
+            config,
+            protocol=args.protocol,
+            epochs=args.epochs,
+            seed=args.seed,
+            **common,
+        )
+        results["threshold"] = out.threshold
+        results["hard_ratio"] = out.hard_ratio
+        results["history"] = []
+        for phase, fit in (("phase1", out.phase1), ("phase2", out.phase2)):
+            results[phase] = {
+                "best_epoch": fit.best_epoch,
+                "val_ppl": fit.best_val_ppl,
+                "history": fit.history,
+            }
+            results["history"] += [{"phase": phase, **record} for record in fit.history]
+        results["eval"] = out.eval
+    else:
+        fit = Trainer(model, config, lr=args.lr, seed=args.seed, **common).fit(
+            corpus.train, corpus.valid, epochs=args.epochs, patience=args.patience
+        )
+        split = "test" if args.protocol == "honest" else "valid"
+        metrics = evaluate(
+            model,
+            corpus.split(split),
+            exit_layer=config.exit_layer if config.routing_threshold > 0 else None,
+            threshold=config.routing_threshold,
+            **common,
+        )
+        results["best_epoch"] = fit.best_epoch
+        results["val_ppl"] = fit.best_val_ppl
+        results["history"] = fit.history
+        results["eval"] = {"split": split, **metrics}
+    results["wall_time_s"] = time.perf_counter() - start
+    return results
+
+
+PERCENT = {
+    "acc",
+    "exit_ratio",
+    "layer_cost",
+    "flops_cost",
+    "phase1_acc",
+    "two_stage_acc",
+    "hard_ratio",
+}
+LABELS = {
+    "ppl": "perplexity",
+    "acc": "accuracy",
+    "phase1_ppl": "phase-1 perplexity",
+    "phase1_acc": "phase-1 accuracy",
+    "phase1_hard_ppl": "phase-1 hard-token perplexity",
+    "two_stage_ppl": "two-stage perplexity",
+    "two_stage_acc": "two-stage accuracy",
+    "hard_ppl": "hard-token perplexity (two-stage)",
+    "exit_ratio": "tokens exiting early",
+    "layer_cost": "layer cost (seed's count)",
+    "flops_cost": "FLOPs cost (heads included)",
+    "wall_time_s": "two-stage inference time (s)",
+    "hard_ratio": "hard tokens (mining split)",
+    "threshold": "confidence threshold",
+}
+
+
+def _cell(key: str, value: float) -> str:
+    if key in PERCENT:
+        return f"{100 * value:.2f}%"
+    return f"{value:.4g}" if key == "threshold" else f"{value:.2f}"
+
+
+def format_table(results: dict) -> str:
+    """A readable two-column table of ``results`` (as ``run`` returns them)."""
+    ev = results["eval"]
+    rows: list[tuple[str, str]] = []
+    if results["strategy"] == "ashem":
+        rows += [(LABELS[k], _cell(k, results[k])) for k in ("threshold", "hard_ratio")]
+        for phase in ("phase1", "phase2"):
+            info = results[phase]
+            rows.append(
+                (f"{phase} best epoch / val ppl", f"{info['best_epoch']} / {info['val_ppl']:.2f}")
+            )
+    else:
+        rows.append(("best epoch / val ppl", f"{results['best_epoch']} / {results['val_ppl']:.2f}"))
+    rows += [(LABELS.get(k, k), _cell(k, v)) for k, v in ev.items() if k != "split"]
+    rows.append(("total wall time (s)", _cell("wall_time_s", results["wall_time_s"])))
+    title = (
+        f"{results['strategy']} on {results['dataset']} ({results['protocol']} protocol, "
+        f"{ev['split']} split, {results['device']})"
+    )
+    width = max(len(label) for label, _ in rows)
+    lines = [title, "-" * len(title)]
+    lines += [f"{label:<{width}}  {value:>12}" for label, value in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m lego.train``; returns the exit status."""
+    parser = build_parser()
+    args = resolve_args(parser, argv)
+    if args.out is None:
+        args.out = os.path.join(
+            "runs", f"{args.strategy}-{args.dataset}-{args.protocol}-seed{args.seed}.json"
+        )
+    try:
+        corpus = load_corpus(args)
+        model_config, config = build_configs(args, corpus.vocab_size)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return 2
+    results = run(args, corpus, model_config, config)
+    print(format_table(results))
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"results written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

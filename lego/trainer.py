@@ -1,0 +1,335 @@
+"""Stage-based training (LEGO deep supervision), early stopping and evaluation.
+
+A batch's loss is the weighted sum of its stages' exit losses (DESIGN section 2)::
+
+    h = embed(inputs)
+    for each stage (ascending):  h = layers up to the stage's end layer (h)
+                                 loss += stage.loss_weight * exit_loss(h, targets, exit_layer=end)
+
+Every exit loss is ``lego_kernels.ops.norm_head_cross_entropy`` (through
+``LegoModel.exit_loss``), so no ``tokens x vocab`` tensor is stored. When the
+only stage with a loss ends at the last layer (``TrainingConfig.plain_path``),
+the trainer takes the plain path: one forward through every layer and one exit,
+no intermediate exit computed (the seed's "automatic optimization"). The general
+path computes every stage's exit, a zero-weight one included.
+
+``Trainer.fit`` runs AdamW with gradient clipping, evaluates the validation
+split after every epoch and stops when its perplexity has not improved for
+``patience`` epochs, then restores the best epoch's weights.
+``routing_threshold`` only acts at evaluation: above 0, validation runs the
+two-stage inference of ``LegoModel.early_exit`` at ``exit_layer``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from lego.config import TrainingConfig
+from lego.data import batch_indices
+from lego.model import CONTEXTS, LegoModel
+from lego_kernels import ops
+from lego_kernels.reference import MEASURES, Confidence
+
+
+@dataclass
+class FitResult:
+    """Outcome of ``Trainer.fit``: the restored (best) epoch, 1-based, its validation
+    perplexity, and one record per epoch run (``epoch``, ``train_loss``, ``val_*`` metrics,
+    ``time_s``)."""
+
+    best_epoch: int
+    best_val_ppl: float
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def _device(model: LegoModel) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _progress(total: int, desc: str, quiet: bool) -> tqdm:
+    return tqdm(total=total, desc=desc, disable=quiet, leave=False, dynamic_ncols=True)
+
+
+@torch.no_grad()
+def exit_outputs(
+    model: LegoModel,
+    windows: Tensor,
+    *,
+    exit_layer: int | None = None,
+    batch_size: int = 64,
+    measure: str = "max_prob",
+    quiet: bool = True,
+) -> tuple[Tensor, Confidence]:
+    """Per-token results of one exit on every window, without early exit.
+
+    ``windows``: int64 ``[n, seq_len + 1]``. Returns ``nll`` float32 ``[n, seq_len]``
+    and a ``Confidence`` (``confidence`` float32, ``prediction`` int64, ``lse`` float32,
+    each ``[n, seq_len]``) of the exit after ``exit_layer`` (default: last), all on the CPU.
+    """
+    exit_layer = model.config.num_layers if exit_layer is None else exit_layer
+    device = _device(model)
+    nll, parts = [], []
+    bar = _progress(windows.shape[0], f"eval exit {exit_layer}", quiet)
+    for idx in batch_indices(windows.shape[0], batch_size):
+        batch = windows[idx].to(device)
+        h = model.run_layers(model.embed(batch[:, :-1]), 1, exit_layer)
+        loss, conf = model.exit_loss(
+            h,
+            batch[:, 1:],
+            exit_layer=exit_layer,
+            reduction="none",
+            return_confidence=True,
+            measure=measure,
+        )
+        nll.append(loss.cpu())
+        parts.append([t.cpu() for t in conf])
+        bar.update(len(idx))
+    bar.close()
+    return torch.cat(nll), Confidence(*(torch.cat(p) for p in zip(*parts, strict=True)))
+
+
+@torch.no_grad()
+def evaluate(
+    model: LegoModel,
+    windows: Tensor,
+    *,
+    batch_size: int = 64,
+    exit_layer: int | None = None,
+    threshold: float = 0.0,
+    context: str = "propagate",
+    measure: str = "max_prob",
+    quiet: bool = True,
+) -> dict[str, float]:
+    """Perplexity and next-token accuracy on ``windows`` (int64 ``[n, seq_len + 1]``).
+
+    ``threshold == 0``: every token at the exit after ``exit_layer`` (default: last);
+    returns ``ppl``, ``acc``. ``threshold > 0``: two-stage inference
+    (``LegoModel.early_exit`` with ``exit_layer``, ``context``, ``measure``); also returns
+    ``exit_ratio``, ``layer_cost`` (layers run / full depth), ``flops_cost`` (analytic
+    FLOPs with every exit head, over the full-depth forward's), ``hard_ppl`` (the tokens
+    that did not exit), and ``wall_time_s`` (summed over the calls).
+    """
+    if not threshold >= 0.0:
+        raise ValueError(f"threshold must be >= 0 (0 turns early exit off), got {threshold}")
+    if threshold == 0:
+        nll, conf = exit_outputs(
+            model, windows, exit_layer=exit_layer, batch_size=batch_size, quiet=quiet
+        )
+        return {
+            "ppl": math.exp(nll.mean().item()),
+            "acc": (conf.prediction == windows[:, 1:]).float().mean().item(),
+        }
+    if exit_layer is None:
+        raise ValueError("exit_layer is required with threshold > 0 (the layer tokens exit at)")
+    device = _device(model)
+    totals = dict.fromkeys(("nll", "hard_nll", "correct", "hard", "layers", "flops", "full"), 0.0)
+    wall = 0.0
+    bar = _progress(windows.shape[0], "eval two-stage", quiet)
+    for idx in batch_indices(windows.shape[0], batch_size):
+        batch = windows[idx].to(device)
+        targets = batch[:, 1:]
+        out = model.early_exit(
+            batch[:, :-1],
+            exit_layer=exit_layer,
+            threshold=threshold,
+            context=context,
+            measure=measure,
+            targets=targets,
+        )
+        hard = ~out.exited
+        totals["nll"] += out.nll.sum().item()
+        totals["hard_nll"] += out.nll[hard].sum().item()
+        totals["correct"] += (out.prediction == targets).sum().item()
+        totals["hard"] += hard.sum().item()
+        totals["layers"] += out.stats.layer_cost * targets.numel()
+        totals["flops"] += out.stats.flops
+        totals["full"] += out.stats.full_flops
+        wall += out.stats.wall_time_s
+        bar.update(len(idx))
+    bar.close()
+    num_tokens = windows.shape[0] * (windows.shape[1] - 1)
+    num_hard = totals["hard"]
+    return {
+        "ppl": math.exp(totals["nll"] / num_tokens),
+        "acc": totals["correct"] / num_tokens,
+        "exit_ratio": 1.0 - num_hard / num_tokens,
+        "layer_cost": totals["layers"] / num_tokens,
+        "flops_cost": totals["flops"] / totals["full"],
+        "hard_ppl": math.exp(totals["hard_nll"] / num_hard) if num_hard else float("nan"),
+        "wall_time_s": wall,
+    }
+
+
+class Trainer:
+    """AdamW + gradient clipping + early stopping around the stage losses of ``config``.
+
+    Trains the parameters of ``model`` that require grad. ``context`` and ``measure``
+    are those of two-stage validation (``config.routing_threshold > 0``). ``seed``
+    drives the shuffling of the training windows; ``quiet`` hides the progress bars.
+    Subclasses change what a batch is by overriding ``batch_loss`` (see ``lego.ashem``).
+    """
+
+    def __init__(
+        self,
+        model: LegoModel,
+        config: TrainingConfig,
+        *,
+        lr: float = 1e-3,
+        weight_decay: float = 0.01,
+        grad_clip: float = 1.0,
+        batch_size: int = 64,
+        context: str = "propagate",
+        measure: str = "max_prob",
+        seed: int = 0,
+        quiet: bool = False,
+    ) -> None:
+        if not isinstance(config, TrainingConfig):
+            raise TypeError(f"config must be a TrainingConfig, got {type(config).__name__}")
+        config.check_model(model.config.num_layers)
+        if config.routing_threshold > 0 and config.exit_layer >= model.config.num_layers:
+            raise ValueError(
+                f"config.exit_layer ({config.exit_layer}) must lie below the model's "
+                f"{model.config.num_layers} layers when routing_threshold > 0 (early exit)"
+            )
+        for name, value in (("lr", lr), ("grad_clip", grad_clip)):
+            if not value > 0:
+                raise ValueError(f"{name} must be > 0, got {value}")
+        if not weight_decay >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        ops.check_choice("context", context, CONTEXTS)
+        ops.check_choice("measure", measure, MEASURES)
+        self.model = model
+        self.config = config
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError("model has no parameter that requires grad: nothing to train")
+        self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay)
+        self.grad_clip = grad_clip
+        self.batch_size = batch_size
+        self.context = context
+        self.measure = measure
+        self.quiet = quiet
+        self.generator = torch.Generator().manual_seed(seed)
+        self.device = _device(model)
+
+    def stage_losses(self, inputs: Tensor, targets: Tensor, *, plain: bool | None = None) -> Tensor:
+        """Weighted sum of the stage losses on ``inputs``/``targets`` (int64 ``[B, T]``).
+
+        ``plain``: ``None`` takes the plain path when ``config.plain_path`` allows it;
+        ``True``/``False`` force the plain or the general path (they give the same loss
+        when only the last layer has loss). Returns a float32 scalar.
+        """
+        model, stages = self.model, self.config.stages
+        num_layers = model.config.num_layers
+        if plain is None:
+            plain = self.config.plain_path(num_layers)
+        h = model.embed(inputs)
+        if plain:
+            (stage,) = [s for s in stages if s.loss_weight > 0]
+            if stage.layers[1] != num_layers:
+                raise ValueError(
+                    "plain=True needs the only stage with loss to end at the last layer"
+                )
+            h = model.run_layers(h, 1, num_layers)
+            return stage.loss_weight * model.exit_loss(h, targets)
+        loss = h.new_zeros((), dtype=torch.float32)
+        done = 0
+        for stage in stages:
+            end = stage.layers[1]
+            h = model.run_layers(h, done + 1, end)
+            done = end
+            loss = loss + stage.loss_weight * model.exit_loss(h, targets, exit_layer=end)
+        return loss
+
+    def batch_loss(self, windows: Tensor) -> Tensor:
+        """Loss of one training batch: the stage losses of ``windows`` (int64 ``[B, T + 1]``)."""
+        return self.stage_losses(windows[:, :-1], windows[:, 1:])
+
+    def validate(self, windows: Tensor) -> dict[str, float]:
+        """Metrics on the validation windows; ``ppl`` drives early stopping."""
+        threshold = self.config.routing_threshold
+        return evaluate(
+            self.model,
+            windows,
+            batch_size=self.batch_size,
+            exit_layer=self.config.exit_layer if threshold > 0 else None,
+            threshold=threshold,
+            context=self.context,
+            measure=self.measure,
+            quiet=self.quiet,
+        )
+
+    def train_epoch(self, data: tuple[Tensor, ...], desc: str = "train") -> float:
+        """One pass over ``data`` (tensors sharing their first dim, batched together and
+        handed to ``batch_loss``) in a shuffled order; returns the mean batch loss."""
+        self.model.train()
+        total, count = 0.0, 0
+        bar = _progress(data[0].shape[0], desc, self.quiet)
+        for idx in batch_indices(
+            data[0].shape[0], self.batch_size, shuffle=True, generator=self.generator
+        ):
+            loss = self.batch_loss(*(t[idx].to(self.device) for t in data))
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+            self.optimizer.step()
+            total += loss.item() * len(idx)
+            count += len(idx)
+            bar.update(len(idx))
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.close()
+        self.model.eval()
+        return total / count
+
+    def fit(
+        self,
+        train: Tensor | tuple[Tensor, ...],
+        valid: Tensor,
+        *,
+        epochs: int,
+        patience: int,
+        desc: str = "epoch",
+    ) -> FitResult:
+        """Train up to ``epochs`` epochs with early stopping on validation perplexity.
+
+        ``train``: the training windows (int64 ``[n, T + 1]``) or a tuple of tensors that
+        ``batch_loss`` takes; ``valid``: validation windows. Stops after ``patience``
+        epochs without improvement and restores the best epoch's weights.
+        """
+        if epochs < 1:
+            raise ValueError(f"epochs must be at least 1, got {epochs}")
+        if patience < 0:
+            raise ValueError(f"patience must be >= 0, got {patience}")
+        data = train if isinstance(train, tuple) else (train,)
+        if data[0].shape[0] == 0:
+            raise ValueError("train is empty: no training example to fit on")
+        result = FitResult(best_epoch=0, best_val_ppl=math.inf)
+        best_state = None
+        bar = tqdm(range(1, epochs + 1), desc=desc, disable=self.quiet, dynamic_ncols=True)
+        for epoch in bar:
+            start = time.perf_counter()
+            train_loss = self.train_epoch(data)
+            metrics = self.validate(valid)
+            record = {"epoch": epoch, "train_loss": train_loss}
+            record.update({f"val_{k}": v for k, v in metrics.items()})
+            record["time_s"] = time.perf_counter() - start
+            result.history.append(record)
+            bar.set_postfix(train_loss=f"{train_loss:.3f}", val_ppl=f"{metrics['ppl']:.2f}")
+            if metrics["ppl"] < result.best_val_ppl:
+                result.best_epoch, result.best_val_ppl = epoch, metrics["ppl"]
+                best_state = copy.deepcopy(self.model.state_dict())
+            elif epoch - result.best_epoch > patience:
+                break
+        bar.close()
+        if best_state is not None:
+            self.model.load_state_dict(best_state)
+        return result

@@ -1,0 +1,191 @@
+"""lego.data: windows, batches, WikiText-2 (local folder and hub) and the synthetic corpus.
+
+References: the token counts and vocabulary size in the data folder's README
+(2,088,628 / 217,646 / 245,569 tokens, 33,278 words), and the raw file lines.
+"""
+
+import os
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from lego.data import (
+    DATA_DIR_ENV,
+    EOS,
+    UNK,
+    batch_indices,
+    load_wikitext2,
+    make_windows,
+    read_wikitext2_lines,
+    synthetic_corpus,
+)
+
+DATA_DIR = os.environ.get(DATA_DIR_ENV)
+needs_wikitext = pytest.mark.skipif(
+    DATA_DIR is None or not os.path.isdir(DATA_DIR), reason="WikiText-2 copy not found"
+)
+
+TINY = {
+    "train": ["the cat sat\n", "\n", "on the mat\n"],
+    "valid": ["The dog sat\n"],
+    "test": ["a cat\n", "\n"],
+}
+
+
+@pytest.fixture
+def tiny_dir(tmp_path: Path) -> str:
+    for split, lines in TINY.items():
+        (tmp_path / f"wiki.{split}.tokens").write_text("".join(lines), encoding="utf-8")
+    return str(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def wikitext():
+    return load_wikitext2(32)
+
+
+def test_make_windows_contiguous_non_overlapping():
+    ids = torch.arange(23)
+    w = make_windows(ids, 4)
+    assert w.shape == (4, 5) and w.dtype == torch.int64
+    assert torch.equal(w.flatten(), ids[:20])  # windows tile the stream, the tail is dropped
+    w[0, 0] = 99
+    assert ids[0] == 0  # a copy, not a view
+    assert make_windows(torch.arange(3), 4).shape == (0, 5)
+    with pytest.raises(ValueError, match="seq_len"):
+        make_windows(ids, 0)
+    with pytest.raises(ValueError, match="ids must be 1-D"):
+        make_windows(ids.view(1, -1), 4)
+
+
+def test_batch_indices_cover_every_index_once():
+    batches = list(batch_indices(10, 4))
+    assert [b.tolist() for b in batches] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    shuffled = torch.cat(list(batch_indices(10, 3, shuffle=True, generator=torch.Generator())))
+    assert sorted(shuffled.tolist()) == list(range(10))
+    a = list(batch_indices(10, 3, shuffle=True, generator=torch.Generator().manual_seed(1)))
+    b = list(batch_indices(10, 3, shuffle=True, generator=torch.Generator().manual_seed(1)))
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    with pytest.raises(ValueError, match="batch_size"):
+        list(batch_indices(10, 0))
+
+
+def test_tiny_folder_standard_tokenization(tiny_dir):
+    corpus = load_wikitext2(2, data_dir=tiny_dir)
+    # train: the cat sat <eos> <eos> on the mat <eos>; vocabulary in order of appearance.
+    assert corpus.vocab == ("the", "cat", "sat", EOS, "on", "mat", UNK)
+    assert corpus.train.tolist() == [[0, 1, 2], [3, 3, 4], [0, 5, 3]]
+    # valid: "The dog sat <eos>": case kept, unseen words -> <unk>; one window, tail dropped.
+    assert corpus.valid.tolist() == [[6, 6, 2]]
+    assert corpus.test.tolist() == [[6, 1, 3]]
+
+
+def test_tiny_folder_seed_tokenization(tiny_dir):
+    corpus = load_wikitext2(2, data_dir=tiny_dir, variant="seed")
+    # lowercase, no end-of-line token, vocabulary from train + valid.
+    assert corpus.vocab == ("the", "cat", "sat", "on", "mat", "dog", UNK)
+    assert corpus.train.tolist() == [[0, 1, 2], [3, 0, 4]]
+    assert corpus.valid.tolist() == [[0, 5, 2]]
+    assert corpus.test.shape == (0, 3)  # "a cat": 2 tokens, less than one window
+
+
+def test_hub_gives_the_same_corpus_as_the_folder(tiny_dir, monkeypatch):
+    calls = []
+
+    def load_dataset(path, name):
+        calls.append((path, name))
+        hub_names = {"train": "train", "valid": "validation", "test": "test"}
+        return {hub_names[s]: {"text": lines} for s, lines in TINY.items()}
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    monkeypatch.delenv(DATA_DIR_ENV, raising=False)
+    hub = load_wikitext2(2)
+    assert calls == [("wikitext", "wikitext-2-v1")]
+    local = load_wikitext2(2, data_dir=tiny_dir)
+    assert hub.vocab == local.vocab
+    for split in ("train", "valid", "test"):
+        assert torch.equal(hub.split(split), local.split(split))
+
+
+def test_missing_data_names_the_three_ways(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError) as err:
+        read_wikitext2_lines(str(tmp_path))
+    message = str(err.value)
+    assert "--data-dir" in message and DATA_DIR_ENV in message and "datasets" in message
+    assert "wiki.train.tokens" in message
+
+    def offline(path, name):
+        raise ConnectionError("no internet")
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=offline))
+    monkeypatch.delenv(DATA_DIR_ENV, raising=False)
+    with pytest.raises(FileNotFoundError) as err:
+        load_wikitext2(32)
+    message = str(err.value)
+    assert "no internet" in message and "--data-dir" in message and DATA_DIR_ENV in message
+
+
+def test_bad_arguments(tiny_dir):
+    with pytest.raises(ValueError, match="variant"):
+        load_wikitext2(2, data_dir=tiny_dir, variant="raw")
+    with pytest.raises(ValueError, match="samples"):
+        load_wikitext2(2, data_dir=tiny_dir, samples=0)
+    with pytest.raises(ValueError, match="split"):
+        load_wikitext2(2, data_dir=tiny_dir).split("validation")
+
+
+@needs_wikitext
+def test_wikitext2_matches_the_data_readme(wikitext):
+    assert wikitext.vocab_size == 33_278
+    assert wikitext.train.shape == (2_088_628 // 33, 33)
+    assert wikitext.valid.shape == (217_646 // 33, 33)
+    assert wikitext.test.shape == (245_569 // 33, 33)
+    with open(os.path.join(DATA_DIR, "wiki.train.tokens"), encoding="utf-8") as f:
+        first = [f.readline() for _ in range(4)]
+    expected = [w for line in first for w in [*line.split(), EOS]][:33]
+    assert [wikitext.vocab[i] for i in wikitext.train[0]] == expected
+    assert expected[:4] == [EOS, "=", "Valkyria", "Chronicles"]
+
+
+@needs_wikitext
+def test_wikitext2_samples_and_seed_variant():
+    corpus = load_wikitext2(32, samples=1000)
+    assert corpus.train.shape[0] == 1000
+    assert corpus.valid.shape[0] == 217_646 // 33  # honest protocol: evaluation splits whole
+    seed = load_wikitext2(32, samples=1000, variant="seed", limit_eval=True)
+    # The seed variant has no end-of-line tokens: one token fewer per line (README counts).
+    train_windows = (2_088_628 - 36_718) // 33
+    for split, tokens, lines in (("valid", 217_646, 3_760), ("test", 245_569, 4_358)):
+        expected = round(1000 / train_windows * ((tokens - lines) // 33))
+        assert seed.split(split).shape[0] == expected
+    assert all(w == w.lower() for w in seed.vocab) and EOS not in seed.vocab
+    assert seed.vocab_size < corpus.vocab_size
+
+
+def test_synthetic_corpus_easy_tokens_are_deterministic():
+    corpus = synthetic_corpus(16, vocab_size=32, num_hard=8, train_windows=200, seed=3)
+    assert corpus.train.shape == (200, 17) and corpus.vocab_size == 32
+    for split in ("train", "valid", "test"):
+        windows, hard = corpus.split(split), corpus.hard[split]
+        inputs, targets = windows[:, :-1], windows[:, 1:]
+        assert torch.equal(hard, inputs < 8)
+        # An easy context always has the same, smaller, successor.
+        easy_in, easy_out = inputs[~hard], targets[~hard]
+        assert (easy_out < easy_in).all()
+        table = torch.full((32,), -1)
+        table[easy_in] = easy_out
+        assert torch.equal(table[easy_in], easy_out)
+    # Hard contexts are followed by every token of the vocabulary, about uniformly.
+    hard_targets = corpus.train[:, 1:][corpus.hard["train"]]
+    counts = torch.bincount(hard_targets, minlength=32).float()
+    assert counts.min() > 0 and counts.max() < 3 * counts.mean()
+    assert 0.3 < corpus.hard["train"].float().mean() < 0.6
+    again = synthetic_corpus(16, vocab_size=32, num_hard=8, train_windows=200, seed=3)
+    assert torch.equal(again.train, corpus.train)
+    with pytest.raises(ValueError, match="num_hard"):
+        synthetic_corpus(16, vocab_size=8, num_hard=8)
+    with pytest.raises(ValueError, match="valid_windows"):
+        synthetic_corpus(16, valid_windows=0)
