@@ -158,7 +158,8 @@ def exit_confidence(
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """Per-token ``lse_i - (h_i . w_{t_i})`` over token chunks, never holding ``N x V``.
 
-    Forward keeps only ``h``, ``weight``, ``targets`` and ``lse``; backward
+    ``measure=None`` computes the loss only (the confidence outputs are then
+    empty). Forward keeps only ``h``, ``weight``, ``targets`` and ``lse``; backward
     recomputes each chunk's logits, forms ``G = softmax - onehot(target)``
     scaled by the incoming per-token gradient, and accumulates
     ``dh = G @ W`` and ``dW = G^T @ h``, each only when required.
@@ -171,27 +172,29 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         weight: Tensor,
         targets: Tensor,
         ignore_index: int,
-        measure: str,
+        measure: str | None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         valid = targets != ignore_index
         safe_targets = torch.where(valid, targets, 0)
-        losses, confs, preds, lses = [], [], [], []
+        losses, lses, confs, preds = [], [], [], []
         for i in _chunks(h.shape[0]):
             logits = h[i : i + CHUNK_TOKENS] @ weight.T
-            conf = confidence_from_logits(logits, measure=measure)
+            if measure is None:  # loss only: skip the confidence statistics
+                lse = torch.logsumexp(logits, dim=1)
+            else:
+                conf = confidence_from_logits(logits, measure=measure)
+                lse = conf.lse
+                confs.append(conf.confidence)
+                preds.append(conf.prediction)
             target_logit = logits.gather(1, safe_targets[i : i + CHUNK_TOKENS, None])[:, 0]
-            losses.append(conf.lse - target_logit)
-            confs.append(conf.confidence)
-            preds.append(conf.prediction)
-            lses.append(conf.lse)
-        if not losses:  # N = 0
-            empty = h.new_zeros(0)
-            losses, confs, preds, lses = [empty], [empty], [targets.new_zeros(0)], [empty]
-        loss = torch.where(valid, torch.cat(losses), 0.0)
-        lse = torch.cat(lses)
+            losses.append(lse - target_logit)
+            lses.append(lse)
+        empty = h.new_zeros(0)
+        loss = torch.where(valid, torch.cat([empty, *losses]), 0.0)
+        lse = torch.cat([empty, *lses])
+        confidence = torch.cat([empty, *confs])
+        prediction = torch.cat([targets.new_zeros(0), *preds])
         ctx.save_for_backward(h, weight, safe_targets, valid, lse)
-        prediction = torch.cat(preds)
-        confidence = torch.cat(confs)
         ctx.mark_non_differentiable(confidence, prediction, lse)
         return loss, confidence, prediction, lse
 
@@ -206,7 +209,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         scale = torch.where(valid, grad_loss, 0.0)
         for i in _chunks(h.shape[0]):
             rows = slice(i, i + CHUNK_TOKENS)
-            g = torch.exp(h[rows] @ weight.T - lse[rows, None])
+            g = (h[rows] @ weight.T).sub_(lse[rows, None]).exp_()  # softmax, in place
             g[torch.arange(g.shape[0]), targets[rows]] -= 1.0
             g *= scale[rows, None]
             if need_h:
@@ -246,7 +249,7 @@ def norm_head_cross_entropy(
     h = apply_norm(x.reshape(-1, dim), norm_weight, norm_bias, norm, eps)
     flat_targets = targets.reshape(-1)
     loss, confidence, prediction, lse = _ChunkedLinearCrossEntropy.apply(
-        h, weight.to(h.dtype), flat_targets, ignore_index, measure
+        h, weight.to(h.dtype), flat_targets, ignore_index, measure if return_confidence else None
     )
     if token_weights is not None:
         loss = loss * token_weights.reshape(-1).to(loss.dtype)
