@@ -23,16 +23,23 @@ Protocols:
   mined from the validation split, phase 2 trained on them with each hard token fed
   alone to the new layers (its exit-layer state as a length-1 sequence, no context),
   early stopping and final numbers on validation too.
+
+With a ``Checkpointer``, ``run_ashem`` saves its state after every epoch of both
+phases and at the phase boundary (the extended model, the threshold, the hard-token
+mask and the phase-1 numbers), and resumes from the checkpoint's state.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from lego.checkpoint import Checkpointer
 from lego.config import ASHEMConfig, StageConfig, TrainingConfig
 from lego.data import Corpus, batch_indices
 from lego.model import LegoModel
@@ -40,6 +47,8 @@ from lego.trainer import FitResult, Trainer, evaluate, exit_outputs
 from lego_kernels import ops
 
 PROTOCOLS = ("honest", "seed")
+# Per protocol: the split that hard tokens are mined from, and the one evaluated.
+PROTOCOL_SPLITS = {"honest": ("train", "test"), "seed": ("valid", "valid")}
 
 
 @dataclass
@@ -77,6 +86,10 @@ class RoutedHardTokenTrainer(Trainer):
         )
         return model.exit_loss(h[hard], targets[hard])
 
+    def batch_tokens(self, windows: Tensor, hard: Tensor) -> int:
+        """The hard tokens, which the loss averages over."""
+        return int(hard.sum())
+
 
 class IsolatedHardTokenTrainer(Trainer):
     """Phase 2, seed protocol: a batch is ``(states [K, D], targets [K])``, the exit-layer
@@ -88,6 +101,10 @@ class IsolatedHardTokenTrainer(Trainer):
             states[:, None, :], self.config.exit_layer + 1, model.config.num_layers
         )
         return model.exit_loss(h[:, 0], targets)
+
+    def batch_tokens(self, states: Tensor, targets: Tensor) -> int:
+        """The hard tokens of the batch, which the loss averages over."""
+        return targets.numel()
 
 
 def confidence_threshold(confidence: Tensor, ratio: float) -> float:
@@ -121,6 +138,53 @@ def hard_token_states(
     return torch.cat(states), torch.cat(targets)
 
 
+def mine_hard_tokens(
+    model: LegoModel,
+    corpus: Corpus,
+    ratio: float,
+    *,
+    protocol: str,
+    measure: str,
+    batch_size: int,
+    quiet: bool,
+) -> dict[str, Any]:
+    """Threshold and hard tokens of the trained phase-1 ``model`` (steps 2 and 3).
+
+    Returns ``threshold`` (float), ``hard`` (bool ``[n, T]`` over the mining split's
+    windows) and ``phase1_eval`` (``phase1_ppl``, ``phase1_acc``, ``phase1_hard_ppl``
+    on the evaluation split, the phase-1 exit being frozen from here on).
+    """
+    low = model.config.num_layers
+    mine_split, eval_split = PROTOCOL_SPLITS[protocol]
+    outputs = {
+        split: exit_outputs(
+            model,
+            corpus.split(split),
+            exit_layer=low,
+            batch_size=batch_size,
+            measure=measure,
+            quiet=quiet,
+        )
+        for split in {mine_split, eval_split}
+    }
+    threshold = confidence_threshold(outputs[mine_split][1].confidence, ratio)
+    hard = outputs[mine_split][1].confidence < threshold
+    if not hard.any():
+        raise ValueError(
+            f"no token has exit confidence below the threshold {threshold} "
+            f"(hard_example_ratio={ratio}): phase 2 has nothing to learn"
+        )
+    windows = corpus.split(eval_split)
+    nll1, conf1 = outputs[eval_split]
+    hard1 = conf1.confidence < threshold
+    phase1_eval = {
+        "phase1_ppl": math.exp(nll1.mean().item()),
+        "phase1_acc": (conf1.prediction == windows[:, 1:]).float().mean().item(),
+        "phase1_hard_ppl": math.exp(nll1[hard1].mean().item()) if hard1.any() else math.nan,
+    }
+    return {"threshold": threshold, "hard": hard, "phase1_eval": phase1_eval}
+
+
 def run_ashem(
     model: LegoModel,
     corpus: Corpus,
@@ -133,13 +197,16 @@ def run_ashem(
     batch_size: int = 64,
     seed: int = 0,
     quiet: bool = False,
+    checkpoint: Checkpointer | None = None,
 ) -> ASHEMResult:
     """Run ASHEM on ``corpus`` with ``model`` (a fresh ``config.phase1_layers``-layer
     ``LegoModel``; it is trained, extended to ``config.phase2_layers`` and left so).
 
     ``protocol``: ``"honest"`` or ``"seed"`` (module docstring); ``context``: the deep
     layers' attention context in phase 2 and at inference; ``measure``: the confidence
-    measure; ``epochs``: the most epochs of each phase; ``seed``: shuffling.
+    measure; ``epochs``: the most epochs of each phase; ``seed``: shuffling;
+    ``checkpoint``: saves every epoch and the phase boundary, and holds the state to
+    resume from (``checkpoint.state``), if any.
     """
     ops.check_choice("protocol", protocol, PROTOCOLS)
     if not isinstance(config, ASHEMConfig):
@@ -151,70 +218,80 @@ def run_ashem(
             f"build it with ModelConfig(num_layers={low})"
         )
     common = {"batch_size": batch_size, "context": context, "measure": measure, "quiet": quiet}
+    saved = checkpoint.state if checkpoint is not None else None
 
-    # Phase 1: the shallow model on all training windows.
-    phase1_config = TrainingConfig(stages=[StageConfig(layers=(1, low))])
-    phase1 = Trainer(model, phase1_config, lr=config.phase1_lr, seed=seed, **common).fit(
-        corpus.train, corpus.valid, epochs=epochs, patience=config.phase1_patience, desc="phase 1"
-    )
+    def save(state: dict[str, Any]) -> None:
+        if checkpoint is not None:
+            checkpoint.save(state)
 
-    # Threshold and hard tokens from the mining split; phase-1 numbers on the evaluation
-    # split (the phase-1 exit stays frozen from here on).
-    mine_split, eval_split = ("train", "test") if protocol == "honest" else ("valid", "valid")
-    outputs = {
-        split: exit_outputs(
+    if saved is not None and saved["phase"] == 2:
+        mined = saved["mined"]
+    else:
+        # Phase 1: the shallow model on all training windows.
+        phase1_config = TrainingConfig(stages=[StageConfig(layers=(1, low))])
+        trainer1 = Trainer(model, phase1_config, lr=config.phase1_lr, seed=seed, **common)
+        if saved is not None:
+            trainer1.load_state_dict(saved["trainer"])
+        fit1 = trainer1.fit(
+            corpus.train,
+            corpus.valid,
+            epochs=epochs,
+            patience=config.phase1_patience,
+            desc="phase 1",
+            on_epoch=lambda: save({"phase": 1, "trainer": trainer1.state_dict()}),
+        )
+        mined = mine_hard_tokens(
             model,
-            corpus.split(split),
-            exit_layer=low,
-            batch_size=batch_size,
+            corpus,
+            config.hard_example_ratio,
+            protocol=protocol,
             measure=measure,
+            batch_size=batch_size,
             quiet=quiet,
         )
-        for split in {mine_split, eval_split}
-    }
-    mine = corpus.split(mine_split)
-    threshold = confidence_threshold(outputs[mine_split][1].confidence, config.hard_example_ratio)
-    hard = outputs[mine_split][1].confidence < threshold
-    if not hard.any():
-        raise ValueError(
-            f"no token has exit confidence below the threshold {threshold} "
-            f"(hard_example_ratio={config.hard_example_ratio}): phase 2 has nothing to learn"
-        )
-    windows = corpus.split(eval_split)
-    nll1, conf1 = outputs[eval_split]
-    hard1 = conf1.confidence < threshold
-    phase1_eval = {
-        "phase1_ppl": math.exp(nll1.mean().item()),
-        "phase1_acc": (conf1.prediction == windows[:, 1:]).float().mean().item(),
-        "phase1_hard_ppl": math.exp(nll1[hard1].mean().item()) if hard1.any() else math.nan,
-    }
+        mined["phase1"] = dataclasses.asdict(fit1)
+    threshold, hard = mined["threshold"], mined["hard"]
 
     # Phase 2: new layers on the hard tokens, everything that existed frozen.
-    if protocol == "seed":
-        data = hard_token_states(model, mine, hard, exit_layer=low, batch_size=batch_size)
-    else:
-        keep = hard.any(dim=1)
-        data = (mine[keep], hard[keep])
     model.extend(high)
     model.freeze_lower(low, head=not model.config.per_exit_heads)
     phase2_config = TrainingConfig(
         stages=[StageConfig(layers=(low + 1, high))], routing_threshold=threshold, exit_layer=low
     )
     phase2_class = IsolatedHardTokenTrainer if protocol == "seed" else RoutedHardTokenTrainer
-    phase2 = phase2_class(model, phase2_config, lr=config.phase2_lr, seed=seed, **common).fit(
-        data, corpus.valid, epochs=epochs, patience=config.phase2_patience, desc="phase 2"
+    trainer2 = phase2_class(model, phase2_config, lr=config.phase2_lr, seed=seed, **common)
+    if saved is not None and saved["phase"] == 2:
+        trainer2.load_state_dict(saved["trainer"])
+    else:
+        save({"phase": 2, "mined": mined, "trainer": trainer2.state_dict()})
+    mine_split, eval_split = PROTOCOL_SPLITS[protocol]
+    mine = corpus.split(mine_split)
+    if protocol == "seed":
+        data = hard_token_states(model, mine, hard, exit_layer=low, batch_size=batch_size)
+    else:
+        keep = hard.any(dim=1)
+        data = (mine[keep], hard[keep])
+    phase2 = trainer2.fit(
+        data,
+        corpus.valid,
+        epochs=epochs,
+        patience=config.phase2_patience,
+        desc="phase 2",
+        on_epoch=lambda: save({"phase": 2, "mined": mined, "trainer": trainer2.state_dict()}),
     )
 
     # Two-stage evaluation.
-    two_stage = evaluate(model, windows, exit_layer=low, threshold=threshold, **common)
+    two_stage = evaluate(
+        model, corpus.split(eval_split), exit_layer=low, threshold=threshold, **common
+    )
     return ASHEMResult(
         threshold=threshold,
         hard_ratio=hard.float().mean().item(),
-        phase1=phase1,
+        phase1=FitResult(**mined["phase1"]),
         phase2=phase2,
         eval={
             "split": eval_split,
-            **phase1_eval,
+            **mined["phase1_eval"],
             "two_stage_ppl": two_stage["ppl"],
             "two_stage_acc": two_stage["acc"],
             "hard_ppl": two_stage["hard_ppl"],

@@ -9,6 +9,12 @@ table and writes a JSON file (``--out``, default
     python -m lego.train --strategy ashem
     python -m lego.train --strategy deep-supervision --exit-layer 2 --threshold 0.3
     python -m lego.train --dataset synthetic --samples 512 --epochs 3 --dim 32
+
+With ``--checkpoint-dir DIR`` the run saves a checkpoint after every epoch (and at
+the ASHEM phase boundary); ``--resume`` continues a killed run from it and ends with
+the same results. Under ``torchrun --nproc_per_node=N -m lego.train ...`` the ranks
+train with ``DistributedDataParallel`` on shards of each global batch
+(``--batch-size``), and rank 0 alone prints and writes (``lego.distributed``).
 """
 
 from __future__ import annotations
@@ -25,11 +31,13 @@ from typing import NoReturn
 import torch
 
 import lego_kernels
+from lego import distributed
 from lego.ashem import PROTOCOLS, run_ashem
+from lego.checkpoint import Checkpointer
 from lego.config import ASHEMConfig, ModelConfig, StageConfig, TrainingConfig
 from lego.data import Corpus, load_wikitext2, synthetic_corpus
 from lego.model import CONTEXTS, LegoModel
-from lego.trainer import Trainer, evaluate
+from lego.trainer import NonFiniteLossError, Trainer, evaluate
 from lego_kernels import ops
 from lego_kernels.reference import MEASURES
 
@@ -46,6 +54,9 @@ ASHEM_FLAGS = {
     "phase2_lr": ASHEM.phase2_lr,
     "phase2_patience": ASHEM.phase2_patience,
 }
+# Settings that do not change the results, left out of a checkpoint's fingerprint
+# (so a run may resume on another device, quietly, or write its JSON elsewhere).
+NOT_FINGERPRINTED = ("device", "data_dir", "out", "quiet", "checkpoint_dir", "resume")
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -171,6 +182,15 @@ def build_parser() -> ArgumentParser:
     add("--seed", type=_non_negative_int, default=0, help="default: %(default)s")
     add("--out", help="JSON file to write (default: runs/<strategy>-<dataset>-<protocol>-seed<N>)")
     add("--quiet", action="store_true", help="no progress bars")
+    add(
+        "--checkpoint-dir",
+        help="save a checkpoint in this folder after every epoch (default: none)",
+    )
+    add(
+        "--resume",
+        action="store_true",
+        help="continue from the checkpoint in --checkpoint-dir (none there: start afresh)",
+    )
     return p
 
 
@@ -178,6 +198,8 @@ def resolve_args(parser: ArgumentParser, argv: list[str] | None) -> argparse.Nam
     """Parse ``argv`` and fill the strategy-specific defaults; flags that the chosen
     strategy does not read are an error (through ``parser.error``)."""
     args = parser.parse_args(argv)
+    if args.resume and args.checkpoint_dir is None:
+        parser.error("--resume needs --checkpoint-dir DIR (the folder of the run to continue)")
     ashem = args.strategy == "ashem"
     used, unused = (ASHEM_FLAGS, STAGE_FLAGS) if ashem else (STAGE_FLAGS, ASHEM_FLAGS)
     for name in unused:
@@ -264,21 +286,41 @@ def build_configs(
     return model_config, training
 
 
+def fingerprint(args: argparse.Namespace, corpus: Corpus) -> dict[str, object]:
+    """The settings of ``args`` (as flags) and the corpus's sizes: what a checkpoint must
+    match to be resumed."""
+    settings: dict[str, object] = {
+        f"--{name.replace('_', '-')}": value
+        for name, value in vars(args).items()
+        if name not in NOT_FINGERPRINTED
+    }
+    settings["vocabulary size"] = corpus.vocab_size
+    settings["training windows"] = corpus.train.shape[0]
+    return settings
+
+
 def run(
     args: argparse.Namespace,
     corpus: Corpus,
     model_config: ModelConfig,
     config: TrainingConfig | ASHEMConfig,
+    checkpoint: Checkpointer | None = None,
 ) -> dict:
-    """Train and evaluate per ``args``; returns the results (the JSON of the issue)."""
+    """Train and evaluate per ``args``; returns the results (the JSON of the issue).
+
+    ``checkpoint``: saves after every epoch; with a loaded state, the run resumes there.
+    """
     start = time.perf_counter()
     torch.manual_seed(args.seed)
     model = LegoModel(model_config).to(args.device)
+    if checkpoint is not None:
+        checkpoint.restore_rng()
+    rank, world_size = distributed.world()
     common = {
         "batch_size": args.batch_size,
         "context": args.context,
         "measure": args.measure,
-        "quiet": args.quiet,
+        "quiet": args.quiet or rank != 0,
     }
     on_cuda = args.device.startswith("cuda")
     results: dict = {
@@ -288,6 +330,7 @@ def run(
         "device": args.device,
         "device_name": torch.cuda.get_device_name(args.device) if on_cuda else platform.machine(),
         "backend": ops.backend(model.embedding.weight),
+        "world_size": world_size,
         "versions": {
             "python": platform.python_version(),
             "torch": torch.__version__,
@@ -308,6 +351,7 @@ def run(
             protocol=args.protocol,
             epochs=args.epochs,
             seed=args.seed,
+            checkpoint=checkpoint,
             **common,
         )
         results["threshold"] = out.threshold
@@ -322,8 +366,21 @@ def run(
             results["history"] += [{"phase": phase, **record} for record in fit.history]
         results["eval"] = out.eval
     else:
-        fit = Trainer(model, config, lr=args.lr, seed=args.seed, **common).fit(
-            corpus.train, corpus.valid, epochs=args.epochs, patience=args.patience
+        trainer = Trainer(model, config, lr=args.lr, seed=args.seed, **common)
+        on_epoch = None
+        if checkpoint is not None:
+            if checkpoint.state is not None:
+                trainer.load_state_dict(checkpoint.state["trainer"])
+
+            def on_epoch() -> None:
+                checkpoint.save({"trainer": trainer.state_dict()})
+
+        fit = trainer.fit(
+            corpus.train,
+            corpus.valid,
+            epochs=args.epochs,
+            patience=args.patience,
+            on_epoch=on_epoch,
         )
         split = "test" if args.protocol == "honest" else "valid"
         metrics = evaluate(
@@ -408,17 +465,49 @@ def main(argv: list[str] | None = None) -> int:
             "runs", f"{args.strategy}-{args.dataset}-{args.protocol}-seed{args.seed}.json"
         )
     try:
+        info = distributed.setup(args.device)
+    except ValueError as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return 2
+    try:
+        return _train(parser, args, info)
+    finally:
+        distributed.teardown()
+
+
+def _train(parser: ArgumentParser, args: argparse.Namespace, info: distributed.DistInfo) -> int:
+    """``main`` once the process group (if any) is set up; returns the exit status."""
+    args.device = info.device
+    try:
+        if args.batch_size % info.world_size != 0:
+            raise ValueError(
+                f"--batch-size ({args.batch_size}) is the global batch and must be divisible "
+                f"by the {info.world_size} processes; pick a multiple of {info.world_size}"
+            )
         corpus = load_corpus(args)
         model_config, config = build_configs(args, corpus.vocab_size)
+        checkpoint = None
+        if args.checkpoint_dir is not None:
+            checkpoint = Checkpointer(
+                args.checkpoint_dir,
+                fingerprint(args, corpus),
+                resume=args.resume,
+                write=info.is_main,
+            )
     except (ValueError, TypeError, FileNotFoundError) as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 2
-    results = run(args, corpus, model_config, config)
-    print(format_table(results))
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=2)
-    print(f"results written to {args.out}")
+    try:
+        results = run(args, corpus, model_config, config, checkpoint)
+    except NonFiniteLossError as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return 1
+    if info.is_main:
+        print(format_table(results))
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=2)
+        print(f"results written to {args.out}")
     return 0
 
 

@@ -15,7 +15,16 @@ path computes every stage's exit, a zero-weight one included.
 
 ``Trainer.fit`` runs AdamW with gradient clipping, evaluates the validation
 split after every epoch and stops when its perplexity has not improved for
-``patience`` epochs, then restores the best epoch's weights.
+``patience`` epochs, then restores the best epoch's weights. The order of the
+training windows in epoch ``e`` is drawn from ``seed + e`` (as
+``DistributedSampler`` does), so a run resumed from a checkpoint (``Trainer.state_dict``
+after any epoch) sees the same batches as an uninterrupted one. A non-finite batch
+loss stops training with ``NonFiniteLossError`` before the optimizer step.
+
+Under ``torchrun`` (``lego.distributed``) the batch loss runs through
+``DistributedDataParallel``: each rank computes the loss of its shard of the global
+batch, scaled by its share of the batch's tokens, so the averaged gradient equals the
+single-process gradient of the whole batch.
 ``routing_threshold`` only acts at evaluation: above 0, validation runs the
 two-stage inference of ``LegoModel.early_exit`` at ``exit_layer``.
 """
@@ -25,13 +34,17 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from lego.config import TrainingConfig
+from lego import distributed
+from lego.config import StageConfig, TrainingConfig
 from lego.data import batch_indices
 from lego.model import CONTEXTS, LegoModel
 from lego_kernels import ops
@@ -47,6 +60,16 @@ class FitResult:
     best_epoch: int
     best_val_ppl: float
     history: list[dict[str, float]] = field(default_factory=list)
+
+
+class NonFiniteLossError(RuntimeError):
+    """A training batch gave a NaN or infinite loss; training stopped before the step."""
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """The generator of epoch ``epoch``'s shuffled order: a function of ``(seed, epoch)``
+    only (``seed + epoch``, as ``torch.utils.data.DistributedSampler``)."""
+    return torch.Generator().manual_seed(seed + epoch)
 
 
 def _device(model: LegoModel) -> torch.device:
@@ -167,13 +190,32 @@ def evaluate(
     }
 
 
+class _BatchLoss(nn.Module):
+    """``trainer.batch_loss`` as a module's forward, so that ``DistributedDataParallel``
+    (which synchronizes the gradients of what its forward computes) can wrap it."""
+
+    def __init__(self, trainer: Trainer) -> None:
+        super().__init__()
+        self.model = trainer.model
+        self.trainer = trainer
+
+    def forward(self, *batch: Tensor) -> Tensor:
+        if batch[0].shape[0] == 0:
+            # This rank's shard of a small last batch is empty: a zero loss that still
+            # reaches every trained parameter, as DDP expects.
+            return sum(p.sum() * 0 for p in self.trainer.params)
+        return self.trainer.batch_loss(*batch)
+
+
 class Trainer:
     """AdamW + gradient clipping + early stopping around the stage losses of ``config``.
 
     Trains the parameters of ``model`` that require grad. ``context`` and ``measure``
     are those of two-stage validation (``config.routing_threshold > 0``). ``seed``
     drives the shuffling of the training windows; ``quiet`` hides the progress bars.
-    Subclasses change what a batch is by overriding ``batch_loss`` (see ``lego.ashem``).
+    Subclasses change what a batch is by overriding ``batch_loss`` and ``batch_tokens``
+    (see ``lego.ashem``). ``state_dict``/``load_state_dict`` save and restore the model,
+    the optimizer and the progress of ``fit`` (for checkpoints).
     """
 
     def __init__(
@@ -218,8 +260,47 @@ class Trainer:
         self.context = context
         self.measure = measure
         self.quiet = quiet
-        self.generator = torch.Generator().manual_seed(seed)
+        self.seed = seed
         self.device = _device(model)
+        # The per-stage losses of the last stage_losses call, to name a non-finite one.
+        self.last_terms: list[tuple[StageConfig, Tensor]] = []
+        # Progress of fit: epochs done, whether it stopped, the best epoch so far.
+        self.epoch = 0
+        self.finished = False
+        self.result = FitResult(best_epoch=0, best_val_ppl=math.inf)
+        self.best_state: dict[str, Tensor] | None = None
+        self.loss_fn: Callable[..., Tensor] = self.batch_loss
+        if distributed.world()[1] > 1:
+            # Per-exit heads that carry no loss get no gradient: let DDP look for them.
+            self.loss_fn = DistributedDataParallel(
+                _BatchLoss(self),
+                device_ids=[self.device] if self.device.type == "cuda" else None,
+                find_unused_parameters=model.config.per_exit_heads,
+            )
+
+    def state_dict(self) -> dict[str, Any]:
+        """Model, optimizer and progress of ``fit`` (epochs done, whether it stopped, the
+        best epoch, its validation perplexity and weights, the history). It refers to the
+        live tensors and history, as ``nn.Module.state_dict`` does: save it at once, or
+        deep-copy it to keep it."""
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "epoch": self.epoch,
+            "finished": self.finished,
+            "best_epoch": self.result.best_epoch,
+            "best_val_ppl": self.result.best_val_ppl,
+            "history": self.result.history,
+            "best_state": self.best_state,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what ``state_dict`` returned; ``fit`` then goes on after its epoch."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.epoch, self.finished = state["epoch"], state["finished"]
+        self.result = FitResult(state["best_epoch"], state["best_val_ppl"], list(state["history"]))
+        self.best_state = state["best_state"]
 
     def stage_losses(self, inputs: Tensor, targets: Tensor, *, plain: bool | None = None) -> Tensor:
         """Weighted sum of the stage losses on ``inputs``/``targets`` (int64 ``[B, T]``).
@@ -240,19 +321,28 @@ class Trainer:
                     "plain=True needs the only stage with loss to end at the last layer"
                 )
             h = model.run_layers(h, 1, num_layers)
-            return stage.loss_weight * model.exit_loss(h, targets)
+            term = model.exit_loss(h, targets)
+            self.last_terms = [(stage, term.detach())]
+            return stage.loss_weight * term
         loss = h.new_zeros((), dtype=torch.float32)
+        self.last_terms = []
         done = 0
         for stage in stages:
             end = stage.layers[1]
             h = model.run_layers(h, done + 1, end)
             done = end
-            loss = loss + stage.loss_weight * model.exit_loss(h, targets, exit_layer=end)
+            term = model.exit_loss(h, targets, exit_layer=end)
+            self.last_terms.append((stage, term.detach()))
+            loss = loss + stage.loss_weight * term
         return loss
 
     def batch_loss(self, windows: Tensor) -> Tensor:
         """Loss of one training batch: the stage losses of ``windows`` (int64 ``[B, T + 1]``)."""
         return self.stage_losses(windows[:, :-1], windows[:, 1:])
+
+    def batch_tokens(self, windows: Tensor) -> int:
+        """The number of tokens that ``batch_loss`` averages over."""
+        return windows[:, 1:].numel()
 
     def validate(self, windows: Tensor) -> dict[str, float]:
         """Metrics on the validation windows; ``ppl`` drives early stopping."""
@@ -268,24 +358,59 @@ class Trainer:
             quiet=self.quiet,
         )
 
-    def train_epoch(self, data: tuple[Tensor, ...], desc: str = "train") -> float:
-        """One pass over ``data`` (tensors sharing their first dim, batched together and
-        handed to ``batch_loss``) in a shuffled order; returns the mean batch loss."""
+    def _non_finite_stages(self) -> str:
+        """The stages whose last loss was not finite (all stages when unknown)."""
+        bad = [stage for stage, term in self.last_terms if not torch.isfinite(term)]
+        return ", ".join(
+            f"stage layers {s.layers} (exit layer {s.layers[1]})" for s in bad or self.config.stages
+        )
+
+    def train_epoch(
+        self, data: tuple[Tensor, ...], epoch: int = 1, desc: str = "training"
+    ) -> float:
+        """Epoch ``epoch`` (1-based) over ``data`` (tensors sharing their first dim, batched
+        together and handed to ``batch_loss``) in the order drawn from ``seed + epoch``;
+        returns the mean batch loss. Raises ``NonFiniteLossError`` (naming ``desc``, the
+        epoch, the step and the stage) before stepping on a NaN or infinite loss."""
         self.model.train()
+        world_size = distributed.world()[1]
         total, count = 0.0, 0
-        bar = _progress(data[0].shape[0], desc, self.quiet)
-        for idx in batch_indices(
-            data[0].shape[0], self.batch_size, shuffle=True, generator=self.generator
-        ):
-            loss = self.batch_loss(*(t[idx].to(self.device) for t in data))
+        num = data[0].shape[0]
+        steps = math.ceil(num / self.batch_size)
+        bar = _progress(num, "train", self.quiet)
+        order = batch_indices(
+            num, self.batch_size, shuffle=True, generator=epoch_generator(self.seed, epoch)
+        )
+        for step, idx in enumerate(order, 1):
+            part = distributed.shard(idx)
+            loss = self.loss_fn(*(t[part].to(self.device) for t in data))
+            if world_size > 1:
+                # DDP averages the ranks' gradients: weigh each rank's mean loss by its
+                # share of the global batch's tokens, times the number of ranks.
+                share = self.batch_tokens(*(t[part] for t in data)) / self.batch_tokens(
+                    *(t[idx] for t in data)
+                )
+                loss = loss * (share * world_size)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            # Read the loss after launching backward (the host waits for the device here).
+            if world_size > 1:
+                value = distributed.all_reduce_sum(loss.detach().clone()).item() / world_size
+            else:
+                value = loss.item()
+            if not math.isfinite(value):
+                raise NonFiniteLossError(
+                    f"non-finite training loss ({value}) in {desc}, epoch {epoch}, step "
+                    f"{step} of {steps}, at {self._non_finite_stages()}; stopped before the "
+                    "optimizer step (a --checkpoint-dir keeps the last good epoch): lower --lr "
+                    "or check the data"
+                )
             torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
             self.optimizer.step()
-            total += loss.item() * len(idx)
+            total += value * len(idx)
             count += len(idx)
             bar.update(len(idx))
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+            bar.set_postfix(loss=f"{value:.3f}")
         bar.close()
         self.model.eval()
         return total / count
@@ -297,13 +422,16 @@ class Trainer:
         *,
         epochs: int,
         patience: int,
-        desc: str = "epoch",
+        desc: str = "training",
+        on_epoch: Callable[[], None] | None = None,
     ) -> FitResult:
         """Train up to ``epochs`` epochs with early stopping on validation perplexity.
 
         ``train``: the training windows (int64 ``[n, T + 1]``) or a tuple of tensors that
         ``batch_loss`` takes; ``valid``: validation windows. Stops after ``patience``
-        epochs without improvement and restores the best epoch's weights.
+        epochs without improvement and restores the best epoch's weights. Goes on from
+        the progress in this trainer (after ``load_state_dict``); ``on_epoch`` is called
+        after every epoch, its progress recorded (where a checkpoint is saved).
         """
         if epochs < 1:
             raise ValueError(f"epochs must be at least 1, got {epochs}")
@@ -312,24 +440,29 @@ class Trainer:
         data = train if isinstance(train, tuple) else (train,)
         if data[0].shape[0] == 0:
             raise ValueError("train is empty: no training example to fit on")
-        result = FitResult(best_epoch=0, best_val_ppl=math.inf)
-        best_state = None
-        bar = tqdm(range(1, epochs + 1), desc=desc, disable=self.quiet, dynamic_ncols=True)
-        for epoch in bar:
+        result = self.result
+        bar = tqdm(
+            total=epochs, initial=self.epoch, desc=desc, disable=self.quiet, dynamic_ncols=True
+        )
+        while not self.finished:
+            epoch = self.epoch + 1
             start = time.perf_counter()
-            train_loss = self.train_epoch(data)
+            train_loss = self.train_epoch(data, epoch, desc)
             metrics = self.validate(valid)
             record = {"epoch": epoch, "train_loss": train_loss}
             record.update({f"val_{k}": v for k, v in metrics.items()})
             record["time_s"] = time.perf_counter() - start
             result.history.append(record)
+            bar.update(1)
             bar.set_postfix(train_loss=f"{train_loss:.3f}", val_ppl=f"{metrics['ppl']:.2f}")
             if metrics["ppl"] < result.best_val_ppl:
                 result.best_epoch, result.best_val_ppl = epoch, metrics["ppl"]
-                best_state = copy.deepcopy(self.model.state_dict())
-            elif epoch - result.best_epoch > patience:
-                break
+                self.best_state = copy.deepcopy(self.model.state_dict())
+            self.epoch = epoch
+            self.finished = epoch == epochs or epoch - result.best_epoch > patience
+            if on_epoch is not None:
+                on_epoch()
         bar.close()
-        if best_state is not None:
-            self.model.load_state_dict(best_state)
+        if self.best_state is not None:
+            self.model.load_state_dict(self.best_state)
         return result
