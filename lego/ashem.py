@@ -26,7 +26,9 @@ Protocols:
 
 With a ``Checkpointer``, ``run_ashem`` saves its state after every epoch of both
 phases and at the phase boundary (the extended model, the threshold, the hard-token
-mask and the phase-1 numbers), and resumes from the checkpoint's state.
+mask and the phase-1 numbers; kept as ``phase1.pt`` too, so that a run with another
+``context`` can start its phase 2 from the same phase-1 model), and resumes from the
+checkpoint's state.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lego.checkpoint import Checkpointer
+from lego.checkpoint import PHASE1_NAME, Checkpointer
 from lego.config import ASHEMConfig, StageConfig, TrainingConfig
 from lego.data import Corpus, batch_indices
 from lego.model import LegoModel
@@ -49,6 +51,21 @@ from lego_kernels import ops
 PROTOCOLS = ("honest", "seed")
 # Per protocol: the split that hard tokens are mined from, and the one evaluated.
 PROTOCOL_SPLITS = {"honest": ("train", "test"), "seed": ("valid", "valid")}
+# The keys of ``ASHEMResult.eval``.
+EVAL_KEYS = (
+    "split",
+    "phase1_ppl",
+    "phase1_acc",
+    "phase1_hard_ppl",
+    "two_stage_ppl",
+    "two_stage_acc",
+    "hard_ppl",
+    "exit_ratio",
+    "layer_cost",
+    "flops_cost",
+    "wall_time_s",
+    "full_wall_time_s",
+)
 
 
 @dataclass
@@ -59,7 +76,8 @@ class ASHEMResult:
     tokens in the mining split; ``phase1``/``phase2``: their ``FitResult``; ``eval``:
     the split evaluated (``"split"``) and its metrics ``phase1_ppl``, ``phase1_acc``,
     ``phase1_hard_ppl``, ``two_stage_ppl``, ``two_stage_acc``, ``hard_ppl``,
-    ``exit_ratio``, ``layer_cost``, ``flops_cost``, ``wall_time_s``.
+    ``exit_ratio``, ``layer_cost``, ``flops_cost``, ``wall_time_s`` (two-stage inference)
+    and ``full_wall_time_s`` (the full-depth forward of the extended model, same batches).
     """
 
     threshold: float
@@ -220,9 +238,9 @@ def run_ashem(
     common = {"batch_size": batch_size, "context": context, "measure": measure, "quiet": quiet}
     saved = checkpoint.state if checkpoint is not None else None
 
-    def save(state: dict[str, Any]) -> None:
+    def save(state: dict[str, Any], also_as: str | None = None) -> None:
         if checkpoint is not None:
-            checkpoint.save(state)
+            checkpoint.save(state, also_as=also_as)
 
     if saved is not None and saved["phase"] == 2:
         mined = saved["mined"]
@@ -263,7 +281,7 @@ def run_ashem(
     if saved is not None and saved["phase"] == 2:
         trainer2.load_state_dict(saved["trainer"])
     else:
-        save({"phase": 2, "mined": mined, "trainer": trainer2.state_dict()})
+        save({"phase": 2, "mined": mined, "trainer": trainer2.state_dict()}, PHASE1_NAME)
     mine_split, eval_split = PROTOCOL_SPLITS[protocol]
     mine = corpus.split(mine_split)
     if protocol == "seed":
@@ -282,7 +300,12 @@ def run_ashem(
 
     # Two-stage evaluation.
     two_stage = evaluate(
-        model, corpus.split(eval_split), exit_layer=low, threshold=threshold, **common
+        model,
+        corpus.split(eval_split),
+        exit_layer=low,
+        threshold=threshold,
+        time_full=True,
+        **common,
     )
     return ASHEMResult(
         threshold=threshold,
@@ -299,5 +322,6 @@ def run_ashem(
             "layer_cost": two_stage["layer_cost"],
             "flops_cost": two_stage["flops_cost"],
             "wall_time_s": two_stage["wall_time_s"],
+            "full_wall_time_s": two_stage["full_wall_time_s"],
         },
     )

@@ -23,6 +23,9 @@ from typing import Any
 import torch
 
 CHECKPOINT_NAME = "checkpoint.pt"
+# ASHEM keeps its state at the phase boundary under this name too, so that other runs
+# can start their phase 2 from the same phase-1 model (``start_from``).
+PHASE1_NAME = "phase1.pt"
 FORMAT = 1
 
 
@@ -79,6 +82,10 @@ class Checkpointer:
     under ``torchrun``). Loaded tensors stay on the CPU (``load_state_dict`` moves them
     to the model's device), so a run may resume on another device.
 
+    ``start_from``: when ``directory`` holds no checkpoint, start from this checkpoint
+    file of another run instead, whose fingerprint may differ from this one only in the
+    settings named in ``may_differ``.
+
     ``state``: the loaded checkpoint's ``state`` dict (what the run passed to ``save``),
     or ``None`` when the run starts afresh.
     """
@@ -90,7 +97,10 @@ class Checkpointer:
         *,
         resume: bool = False,
         write: bool = True,
+        start_from: str | None = None,
+        may_differ: tuple[str, ...] = (),
     ) -> None:
+        self.directory = directory
         self.path = os.path.join(directory, CHECKPOINT_NAME)
         self.fingerprint = fingerprint
         self.write = write
@@ -105,31 +115,41 @@ class Checkpointer:
         if write:
             os.makedirs(directory, exist_ok=True)
         if exists:
-            self._load()
+            self._load(self.path)
+        elif start_from is not None:
+            if not os.path.isfile(start_from):
+                raise CheckpointError(f"{start_from}: no such checkpoint file to start from")
+            self._load(start_from, may_differ)
 
-    def _load(self) -> None:
+    def _load(self, path: str, may_differ: tuple[str, ...] = ()) -> None:
         try:
-            saved = torch.load(self.path, map_location="cpu", weights_only=True)
+            saved = torch.load(path, map_location="cpu", weights_only=True)
             fmt, fingerprint = saved["format"], saved["fingerprint"]
             state, rng = saved["state"], saved["rng"]
         except Exception as e:  # unpickling errors vary: any failure means unreadable
             raise CheckpointError(
-                f"{self.path} is corrupt or not a lego checkpoint ({type(e).__name__}: {e}); "
+                f"{path} is corrupt or not a lego checkpoint ({type(e).__name__}: {e}); "
                 "delete it to start afresh or choose another --checkpoint-dir"
             ) from None
         if fmt != FORMAT:
-            raise CheckpointError(f"{self.path} has format {fmt}, this version reads {FORMAT}")
+            raise CheckpointError(f"{path} has format {fmt}, this version reads {FORMAT}")
         names = sorted(fingerprint.keys() | self.fingerprint.keys())
-        differ = [n for n in names if fingerprint.get(n) != self.fingerprint.get(n)]
+        differ = [
+            n
+            for n in names
+            if fingerprint.get(n) != self.fingerprint.get(n) and n not in may_differ
+        ]
         if differ:
             details = "; ".join(
                 f"{n}: checkpoint {fingerprint.get(n)!r}, now {self.fingerprint.get(n)!r}"
                 for n in differ
             )
-            raise CheckpointError(
-                f"{self.path} was written with other settings ({details}); resume with the "
-                "checkpoint's settings or choose another --checkpoint-dir"
+            fix = (
+                "resume with the checkpoint's settings or choose another --checkpoint-dir"
+                if path == self.path
+                else "start from the file of a run with these settings"
             )
+            raise CheckpointError(f"{path} was written with other settings ({details}); {fix}")
         self.state, self._rng = state, rng
 
     def restore_rng(self) -> None:
@@ -137,9 +157,10 @@ class Checkpointer:
         if self._rng is not None:
             set_rng_state(self._rng)
 
-    def save(self, state: dict[str, Any]) -> None:
+    def save(self, state: dict[str, Any], *, also_as: str | None = None) -> None:
         """Atomically replace the checkpoint with ``state`` (tensors, containers and
-        plain Python values), this run's fingerprint and the current RNG states."""
+        plain Python values), this run's fingerprint and the current RNG states;
+        ``also_as``: write the same to this file name in the directory too."""
         if self.write:
             saved = {
                 "format": FORMAT,
@@ -148,3 +169,5 @@ class Checkpointer:
                 "rng": rng_state(),
             }
             save_atomic(saved, self.path)
+            if also_as is not None:
+                save_atomic(saved, os.path.join(self.directory, also_as))

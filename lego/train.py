@@ -32,12 +32,12 @@ import torch
 
 import lego_kernels
 from lego import distributed
-from lego.ashem import PROTOCOLS, run_ashem
-from lego.checkpoint import Checkpointer
+from lego.ashem import PROTOCOLS, confidence_threshold, run_ashem
+from lego.checkpoint import Checkpointer, save_atomic
 from lego.config import ASHEMConfig, ModelConfig, StageConfig, TrainingConfig
 from lego.data import Corpus, load_wikitext2, synthetic_corpus
 from lego.model import CONTEXTS, LegoModel
-from lego.trainer import NonFiniteLossError, Trainer, evaluate
+from lego.trainer import NonFiniteLossError, Trainer, evaluate, exit_outputs
 from lego_kernels import ops
 from lego_kernels.reference import MEASURES
 
@@ -45,7 +45,7 @@ STRATEGIES = ("standard", "deep-supervision", "ashem")
 DATASETS = ("wikitext-2", "synthetic")
 # Flags that only one family of strategies reads, with their defaults; giving one to
 # the other family is an error rather than a silently ignored setting.
-STAGE_FLAGS = {"layers": 4, "threshold": 0.0, "exit_layer": 2}
+STAGE_FLAGS = {"layers": 4, "threshold": 0.0, "exit_ratio": 0.0, "exit_layer": 2}
 ASHEM = ASHEMConfig()
 ASHEM_FLAGS = {
     "phase1_layers": ASHEM.phase1_layers,
@@ -53,10 +53,23 @@ ASHEM_FLAGS = {
     "hard_ratio": ASHEM.hard_example_ratio,
     "phase2_lr": ASHEM.phase2_lr,
     "phase2_patience": ASHEM.phase2_patience,
+    "phase1_from": None,
 }
 # Settings that do not change the results, left out of a checkpoint's fingerprint
 # (so a run may resume on another device, quietly, or write its JSON elsewhere).
-NOT_FINGERPRINTED = ("device", "data_dir", "out", "quiet", "checkpoint_dir", "resume")
+NOT_FINGERPRINTED = (
+    "device",
+    "data_dir",
+    "out",
+    "quiet",
+    "checkpoint_dir",
+    "resume",
+    "save_model",
+    "phase1_from",
+)
+# Settings that phase 1 of ASHEM does not read: a run may start its phase 2 from the
+# phase-1 state of a run that differs from it only in these (--phase1-from).
+PHASE2_ONLY = ("--context",)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -170,6 +183,13 @@ def build_parser() -> ArgumentParser:
         help="early-exit confidence threshold in [0, 1], 0 = off, standard/deep-supervision "
         "(default: 0; ASHEM picks it from --hard-ratio)",
     )
+    add(
+        "--exit-ratio",
+        type=_open_unit_float,
+        help="standard/deep-supervision: instead of --threshold, pick the threshold on the "
+        "validation split after training so that this share of its tokens exits at "
+        "--exit-layer, in (0, 1) (default: off)",
+    )
     add("--context", choices=CONTEXTS, default="propagate", help="default: %(default)s")
     add("--measure", choices=MEASURES, default="max_prob", help="default: %(default)s")
     add(
@@ -183,8 +203,21 @@ def build_parser() -> ArgumentParser:
     add("--out", help="JSON file to write (default: runs/<strategy>-<dataset>-<protocol>-seed<N>)")
     add("--quiet", action="store_true", help="no progress bars")
     add(
+        "--save-model",
+        metavar="PATH",
+        help="also save the final model (weights, config, threshold) to PATH, for "
+        "python -m lego.experiment sweep (default: not saved)",
+    )
+    add(
         "--checkpoint-dir",
         help="save a checkpoint in this folder after every epoch (default: none)",
+    )
+    add(
+        "--phase1-from",
+        metavar="FILE",
+        help="ASHEM: skip phase 1 and start phase 2 from the phase-1 state that a run with "
+        "--checkpoint-dir kept as DIR/phase1.pt; all settings must match except --context "
+        "(default: run phase 1)",
     )
     add(
         "--resume",
@@ -200,6 +233,8 @@ def resolve_args(parser: ArgumentParser, argv: list[str] | None) -> argparse.Nam
     args = parser.parse_args(argv)
     if args.resume and args.checkpoint_dir is None:
         parser.error("--resume needs --checkpoint-dir DIR (the folder of the run to continue)")
+    if args.phase1_from is not None and args.checkpoint_dir is None:
+        parser.error("--phase1-from needs --checkpoint-dir DIR (where this run saves its own)")
     ashem = args.strategy == "ashem"
     used, unused = (ASHEM_FLAGS, STAGE_FLAGS) if ashem else (STAGE_FLAGS, ASHEM_FLAGS)
     for name in unused:
@@ -209,6 +244,8 @@ def resolve_args(parser: ArgumentParser, argv: list[str] | None) -> argparse.Nam
     for name, default in used.items():
         if getattr(args, name) is None:
             setattr(args, name, default)
+    if not ashem and args.threshold > 0 and args.exit_ratio > 0:
+        parser.error("--threshold and --exit-ratio both pick the early-exit threshold; give one")
     try:
         device = torch.device(args.device)
     except RuntimeError:
@@ -268,10 +305,10 @@ def build_configs(
             phase2_patience=args.phase2_patience,
         )
     deep = args.strategy == "deep-supervision"
-    if (deep or args.threshold > 0) and not args.exit_layer < args.layers:
+    if (deep or args.threshold > 0 or args.exit_ratio > 0) and not args.exit_layer < args.layers:
         raise ValueError(
             f"--exit-layer ({args.exit_layer}) must lie below --layers ({args.layers}) "
-            "for deep supervision or early exit (--threshold > 0)"
+            "for deep supervision or early exit (--threshold > 0 or --exit-ratio)"
         )
     stages = [StageConfig(layers=(1, args.layers))]
     if deep:
@@ -382,12 +419,25 @@ def run(
             patience=args.patience,
             on_epoch=on_epoch,
         )
+        threshold = config.routing_threshold
+        if args.exit_ratio > 0:
+            _, conf = exit_outputs(
+                model,
+                corpus.valid,
+                exit_layer=config.exit_layer,
+                batch_size=args.batch_size,
+                measure=args.measure,
+                quiet=common["quiet"],
+            )
+            threshold = confidence_threshold(conf.confidence, 1.0 - args.exit_ratio)
+            results["threshold"] = threshold
         split = "test" if args.protocol == "honest" else "valid"
         metrics = evaluate(
             model,
             corpus.split(split),
-            exit_layer=config.exit_layer if config.routing_threshold > 0 else None,
-            threshold=config.routing_threshold,
+            exit_layer=config.exit_layer if threshold > 0 else None,
+            threshold=threshold,
+            time_full=threshold > 0,
             **common,
         )
         results["best_epoch"] = fit.best_epoch
@@ -395,7 +445,31 @@ def run(
         results["history"] = fit.history
         results["eval"] = {"split": split, **metrics}
     results["wall_time_s"] = time.perf_counter() - start
+    if args.save_model is not None and rank == 0:
+        save_model(args.save_model, model, results)
     return results
+
+
+def save_model(path: str, model: LegoModel, results: dict) -> None:
+    """Write the trained ``model`` to ``path`` (atomically): ``model_config`` (dict),
+    ``state_dict``, and from ``results`` the run's ``config``, its ``strategy``, the
+    early-exit ``threshold`` (0 when none), ``exit_layer``, ``context`` and ``measure``."""
+    config = results["config"]
+    ashem = results["strategy"] == "ashem"
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    save_atomic(
+        {
+            "model_config": dataclasses.asdict(model.config),
+            "state_dict": model.state_dict(),
+            "config": config,
+            "strategy": results["strategy"],
+            "threshold": results.get("threshold", config.get("threshold", 0.0)),
+            "exit_layer": config["phase1_layers"] if ashem else config["exit_layer"],
+            "context": config["context"],
+            "measure": config["measure"],
+        },
+        path,
+    )
 
 
 PERCENT = {
@@ -420,6 +494,7 @@ LABELS = {
     "layer_cost": "layer cost (seed's count)",
     "flops_cost": "FLOPs cost (heads included)",
     "wall_time_s": "two-stage inference time (s)",
+    "full_wall_time_s": "full-depth forward time (s)",
     "hard_ratio": "hard tokens (mining split)",
     "threshold": "confidence threshold",
 }
@@ -444,6 +519,8 @@ def format_table(results: dict) -> str:
             )
     else:
         rows.append(("best epoch / val ppl", f"{results['best_epoch']} / {results['val_ppl']:.2f}"))
+        if "threshold" in results:
+            rows.append((LABELS["threshold"], _cell("threshold", results["threshold"])))
     rows += [(LABELS.get(k, k), _cell(k, v)) for k, v in ev.items() if k != "split"]
     rows.append(("total wall time (s)", _cell("wall_time_s", results["wall_time_s"])))
     title = (
@@ -493,6 +570,8 @@ def _train(parser: ArgumentParser, args: argparse.Namespace, info: distributed.D
                 fingerprint(args, corpus),
                 resume=args.resume,
                 write=info.is_main,
+                start_from=getattr(args, "phase1_from", None),
+                may_differ=PHASE2_ONLY,
             )
     except (ValueError, TypeError, FileNotFoundError) as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)

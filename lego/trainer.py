@@ -129,6 +129,7 @@ def evaluate(
     context: str = "propagate",
     measure: str = "max_prob",
     quiet: bool = True,
+    time_full: bool = False,
 ) -> dict[str, float]:
     """Perplexity and next-token accuracy on ``windows`` (int64 ``[n, seq_len + 1]``).
 
@@ -137,7 +138,10 @@ def evaluate(
     (``LegoModel.early_exit`` with ``exit_layer``, ``context``, ``measure``); also returns
     ``exit_ratio``, ``layer_cost`` (layers run / full depth), ``flops_cost`` (analytic
     FLOPs with every exit head, over the full-depth forward's), ``hard_ppl`` (the tokens
-    that did not exit), and ``wall_time_s`` (summed over the calls).
+    that did not exit), and ``wall_time_s`` (summed over the calls). ``time_full``: also
+    ``full_wall_time_s``, the full-depth forward of the same batches doing the same work
+    (every token through every layer, last exit's loss and confidence), each batch timed
+    right after its two-stage call so that both see the same machine load.
     """
     if not threshold >= 0.0:
         raise ValueError(f"threshold must be >= 0 (0 turns early exit off), got {threshold}")
@@ -153,7 +157,7 @@ def evaluate(
         raise ValueError("exit_layer is required with threshold > 0 (the layer tokens exit at)")
     device = _device(model)
     totals = dict.fromkeys(("nll", "hard_nll", "correct", "hard", "layers", "flops", "full"), 0.0)
-    wall = 0.0
+    wall = full_wall = 0.0
     bar = _progress(windows.shape[0], "eval two-stage", quiet)
     for idx in batch_indices(windows.shape[0], batch_size):
         batch = windows[idx].to(device)
@@ -175,11 +179,13 @@ def evaluate(
         totals["flops"] += out.stats.flops
         totals["full"] += out.stats.full_flops
         wall += out.stats.wall_time_s
+        if time_full:
+            full_wall += _full_depth_time(model, batch[:, :-1], targets, measure)
         bar.update(len(idx))
     bar.close()
     num_tokens = windows.shape[0] * (windows.shape[1] - 1)
     num_hard = totals["hard"]
-    return {
+    metrics = {
         "ppl": math.exp(totals["nll"] / num_tokens),
         "acc": totals["correct"] / num_tokens,
         "exit_ratio": 1.0 - num_hard / num_tokens,
@@ -188,6 +194,22 @@ def evaluate(
         "hard_ppl": math.exp(totals["hard_nll"] / num_hard) if num_hard else float("nan"),
         "wall_time_s": wall,
     }
+    if time_full:
+        metrics["full_wall_time_s"] = full_wall
+    return metrics
+
+
+def _full_depth_time(model: LegoModel, ids: Tensor, targets: Tensor, measure: str) -> float:
+    """Seconds of the full-depth forward of ``ids`` ``[B, T]``: every layer on every token,
+    then the last exit's per-token loss and confidence (what ``early_exit`` computes)."""
+    if ids.is_cuda:
+        torch.cuda.synchronize(ids.device)
+    start = time.perf_counter()
+    h = model.run_layers(model.embed(ids), 1, model.config.num_layers)
+    model.exit_loss(h, targets, reduction="none", return_confidence=True, measure=measure)
+    if ids.is_cuda:
+        torch.cuda.synchronize(ids.device)
+    return time.perf_counter() - start
 
 
 class _BatchLoss(nn.Module):

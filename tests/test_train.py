@@ -13,24 +13,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from lego.ashem import EVAL_KEYS
+from lego.experiment import load_model, load_run_corpus
 from lego.train import main
+from lego.trainer import evaluate, exit_outputs
 from lego_kernels import ops
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--dataset", "synthetic", "--samples", "8", "--seq-len", "8", "--dim", "16"]
 TINY_RUN = [*TINY, "--heads", "2", "--epochs", "1", "--batch-size", "4", "--quiet"]
-ASHEM_EVAL = {
-    "split",
-    "phase1_ppl",
-    "phase1_acc",
-    "phase1_hard_ppl",
-    "two_stage_ppl",
-    "two_stage_acc",
-    "hard_ppl",
-    "exit_ratio",
-    "layer_cost",
-    "flops_cost",
-}
 TOP = {
     "strategy",
     "protocol",
@@ -84,6 +75,22 @@ BAD = [
         "--exit-layer",
     ),
     (["--data-dir", "/no/such/folder"], "LEGO_DATA_DIR"),
+    (["--strategy", "standard", "--threshold", "0.5", "--exit-ratio", "0.3"], "give one"),
+    (["--strategy", "deep-supervision", "--exit-ratio", "1"], "--exit-ratio"),
+    (["--strategy", "ashem", "--exit-ratio", "0.5"], "--exit-ratio does not apply"),
+    (["--phase1-from", "phase1.pt"], "--phase1-from needs --checkpoint-dir"),
+    (
+        ["--strategy", "standard", "--phase1-from", "p.pt", "--checkpoint-dir", "/no/such/dir"],
+        "--phase1-from does not apply",
+    ),
+    (
+        [*TINY, "--heads", "2", "--phase1-from", "/no/such.pt", "--checkpoint-dir", "/tmp"],
+        "no such checkpoint file",
+    ),
+    (
+        [*TINY, "--heads", "2", "--strategy", "standard", "--exit-ratio", "0.5", "--layers", "2"],
+        "--exit-layer (2) must lie below --layers (2)",
+    ),
 ]
 
 
@@ -134,7 +141,7 @@ def test_ashem_writes_the_json(tmp_path, capsys):
     config = results["config"]
     assert config["seed"] == 3 and config["phase2_layers"] == 2 and config["hard_ratio"] == 0.5
     assert config["ashem"]["phase2_lr"] == 1e-4 and config["model"]["num_layers"] == 1
-    assert results["eval"].keys() >= ASHEM_EVAL and results["eval"]["split"] == "test"
+    assert results["eval"].keys() == set(EVAL_KEYS) and results["eval"]["split"] == "test"
     for phase in ("phase1", "phase2"):
         assert {"best_epoch", "val_ppl", "history"} <= results[phase].keys()
     assert [r["phase"] for r in results["history"]] == ["phase1", "phase2"]
@@ -168,3 +175,62 @@ def test_deep_supervision_trains_both_exits(tmp_path):
     stages = results["config"]["training"]["stages"]
     assert [s["layers"] for s in stages] == [[1, 1], [2, 2]]
     assert set(results["eval"]) == {"split", "ppl", "acc"}  # no threshold: no exit numbers
+
+
+def test_exit_ratio_picks_the_threshold_on_validation_and_saves_the_model(tmp_path):
+    out, saved_path = tmp_path / "deep.json", tmp_path / "deep.pt"
+    argv = [*TINY_RUN, "--samples", "64", "--strategy", "deep-supervision", "--layers", "2"]
+    argv += ["--exit-layer", "1", "--exit-ratio", "0.5", "--save-model", str(saved_path)]
+    assert main([*argv, "--out", str(out)]) == 0
+    results = json.loads(out.read_text())
+    ev, threshold = results["eval"], results["threshold"]
+    assert ev.keys() >= {"exit_ratio", "hard_ppl", "wall_time_s", "full_wall_time_s"}
+    assert ev["full_wall_time_s"] > 0 and ev["wall_time_s"] > 0
+
+    model, saved = load_model(str(saved_path))
+    assert saved["threshold"] == threshold and saved["exit_layer"] == 1
+    assert json.loads(json.dumps(saved["config"])) == results["config"]
+    corpus = load_run_corpus(saved["config"])
+    # The threshold is the validation split's 50% quantile: half its tokens exit.
+    _, conf = exit_outputs(model, corpus.valid, exit_layer=1)
+    n = conf.confidence.numel()
+    assert abs((conf.confidence >= threshold).float().mean().item() - 0.5) <= 1 / n
+    # The saved model is the one evaluated: the test numbers come out again.
+    again = evaluate(model, corpus.test, batch_size=4, exit_layer=1, threshold=threshold)
+    for key in ("ppl", "acc", "exit_ratio", "hard_ppl", "flops_cost"):
+        assert again[key] == pytest.approx(ev[key], rel=1e-6), key
+
+
+def test_phase1_from_gives_the_run_that_trains_phase1_itself(tmp_path):
+    """``--context routed --phase1-from`` the propagate run's ``phase1.pt`` = a routed run
+    from scratch (phase 1 does not read ``--context``), minus the wall times."""
+    argv = [*TINY_RUN, "--samples", "32", "--phase1-layers", "1", "--phase2-layers", "2"]
+    argv += ["--epochs", "2"]
+    first = tmp_path / "propagate"
+    assert main([*argv, "--checkpoint-dir", str(first), "--out", str(tmp_path / "p.json")]) == 0
+    assert (first / "phase1.pt").is_file()
+    routed = [*argv, "--context", "routed"]
+    assert main([*routed, "--out", str(tmp_path / "full.json")]) == 0
+    shared = ["--phase1-from", str(first / "phase1.pt"), "--checkpoint-dir", str(tmp_path / "r")]
+    assert main([*routed, *shared, "--out", str(tmp_path / "from.json")]) == 0
+
+    def numbers(name):
+        results = json.loads((tmp_path / name).read_text())
+        history = [
+            {k: v for k, v in r.items() if not k.endswith("time_s")} for r in results["history"]
+        ]
+        ev = {k: v for k, v in results["eval"].items() if not k.endswith("wall_time_s")}
+        return history, ev, results["threshold"]
+
+    assert numbers("from.json") == numbers("full.json")
+
+
+def test_phase1_from_refuses_other_settings(tmp_path, capsys):
+    argv = [*TINY_RUN, "--samples", "32", "--phase1-layers", "1", "--phase2-layers", "2"]
+    first = tmp_path / "first"
+    assert main([*argv, "--checkpoint-dir", str(first), "--out", str(tmp_path / "a.json")]) == 0
+    capsys.readouterr()
+    shared = ["--phase1-from", str(first / "phase1.pt"), "--checkpoint-dir", str(tmp_path / "b")]
+    assert main([*argv, "--seed", "1", *shared, "--out", str(tmp_path / "b.json")]) == 2
+    err = capsys.readouterr().err
+    assert "--seed: checkpoint 0, now 1" in err and "start from the file of a run" in err

@@ -1,0 +1,396 @@
+"""The ASHEM experiment's tables and threshold sweep, from the runs' JSON files.
+
+``python -m lego.train`` runs one configuration and writes its JSON; this module turns
+a folder of them into the two tables of the README and sweeps the early-exit threshold
+of saved models (``--save-model``):
+
+- ``python -m lego.experiment tables [--table1 DIR] [--table2 DIR]``: markdown tables.
+  Table 1: the ``--protocol seed`` ASHEM runs next to the paper draft's numbers.
+  Table 2: the honest-protocol runs, one row per configuration, mean and standard
+  deviation over the seeds found. The "standard 2-layer" row is ASHEM's phase 1 (the
+  same model, data and schedule as ``--strategy standard --layers 2`` with that seed),
+  read from the ASHEM runs' ``phase1_*`` numbers.
+- ``python -m lego.experiment sweep MODEL.pt ... --json OUT --plot PNG``: for each
+  saved early-exit model and each target exit ratio, the threshold is the matching
+  quantile of the exit confidence on the validation split; the test split is evaluated
+  with two-stage inference at that threshold. Writes the points as JSON and plots test
+  perplexity against the exit ratio.
+
+Costs (``layer_cost``, ``flops_cost``) are relative to the full-depth forward of the
+deep model (4 layers in the draft's shape); the wall-clock column divides two-stage
+inference by the full-depth forward of the same model on the same batches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import glob
+import json
+import math
+import os
+import pickle
+import statistics
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from lego.ashem import confidence_threshold
+from lego.config import ModelConfig
+from lego.data import Corpus
+from lego.model import LegoModel
+from lego.train import load_corpus
+from lego.trainer import evaluate, exit_outputs
+
+# The paper draft's WikiText-2 numbers (dim 64, 2 -> 4 layers, validation split), quoted
+# for comparison; `None` where the draft reports nothing.
+DRAFT = {
+    "phase1_ppl": 986.4,
+    "phase1_acc": 0.1603,
+    "two_stage_ppl": 829.8,
+    "two_stage_acc": 0.1577,
+    "phase1_hard_ppl": 2763.7,
+    "hard_ppl": 668.1,
+    "exit_ratio": 0.704,
+    "layer_cost": 0.648,
+    "flops_cost": None,
+}
+TABLE1_ROWS = {
+    "phase1_ppl": "phase-1 perplexity",
+    "phase1_acc": "phase-1 accuracy",
+    "two_stage_ppl": "two-stage perplexity",
+    "two_stage_acc": "two-stage accuracy",
+    "phase1_hard_ppl": "hard-token perplexity, phase 1",
+    "hard_ppl": "hard-token perplexity, two-stage",
+    "exit_ratio": "tokens exiting at the exit layer",
+    "layer_cost": "compute cost, layers counted",
+    "flops_cost": "compute cost, FLOPs with heads",
+}
+PERCENT = {"phase1_acc", "two_stage_acc", "acc", "exit_ratio", "layer_cost", "flops_cost"}
+# Table 2's columns: (key, heading).
+COLUMNS = (
+    ("ppl", "test PPL"),
+    ("acc", "accuracy"),
+    ("hard_ppl", "hard-token PPL"),
+    ("exit_ratio", "exit ratio"),
+    ("layer_cost", "layer cost"),
+    ("flops_cost", "FLOPs cost"),
+    ("wall_ratio", "wall-clock vs full depth"),
+)
+ROW_ORDER = (
+    "standard 2-layer (ASHEM phase 1)",
+    "standard 4-layer",
+    "deep supervision 4-layer, early exit",
+    "ASHEM, context=propagate",
+    "ASHEM, context=routed",
+)
+
+
+def load_runs(folder: str) -> list[dict[str, Any]]:
+    """Every ``*.json`` run result in ``folder`` (sorted by name), each with its ``path``."""
+    runs = []
+    for path in sorted(glob.glob(os.path.join(folder, "*.json"))):
+        with open(path) as f:
+            run = json.load(f)
+        if not {"strategy", "protocol", "config", "eval"} <= run.keys():
+            raise ValueError(f"{path} is not a python -m lego.train result (no strategy/eval)")
+        runs.append({**run, "path": path})
+    return runs
+
+
+def _cell(key: str, value: float | None) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if key in PERCENT:
+        return f"{100 * value:.2f}%"
+    return f"{value:.3f}" if key == "wall_ratio" else f"{value:.1f}"
+
+
+def table1(runs: Sequence[dict[str, Any]]) -> str:
+    """Markdown: the draft's numbers next to each ``--protocol seed`` ASHEM run's."""
+    runs = [r for r in runs if r["strategy"] == "ashem" and r["protocol"] == "seed"]
+    if not runs:
+        return "(no --protocol seed ASHEM run found)"
+    heads = ["metric", "draft"] + [f"seed {r['config']['seed']} ({r['device']})" for r in runs]
+    lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
+    for key, label in TABLE1_ROWS.items():
+        cells = [_cell(key, DRAFT[key])] + [_cell(key, r["eval"].get(key)) for r in runs]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _analytic_cost(config: dict[str, Any], depth: int, full_depth: int) -> float:
+    """FLOPs of ``depth`` layers + one exit over the ``full_depth`` forward, for the model
+    shape of a run's ``config["model"]`` (one window of ``max_seq_len`` tokens)."""
+    model_config = ModelConfig(**{**config["model"], "num_layers": full_depth})
+    with torch.device("meta"):
+        model = LegoModel(model_config)
+    seq_len = model_config.max_seq_len
+    return model.flops(1, seq_len, depth=depth) / model.flops(1, seq_len)
+
+
+def table2_rows(run: dict[str, Any]) -> dict[str, dict[str, float | None]]:
+    """The Table 2 rows that one honest-protocol run gives: ``{row label: {column key:
+    value}}`` (an ASHEM run gives its phase-1 model's row too)."""
+    ev, config = run["eval"], run["config"]
+
+    def wall(ev: dict[str, Any]) -> float | None:
+        full = ev.get("full_wall_time_s")
+        return ev["wall_time_s"] / full if full else None
+
+    if run["strategy"] == "ashem":
+        low, high = config["phase1_layers"], config["phase2_layers"]
+        return {
+            f"standard {low}-layer (ASHEM phase 1)": {
+                "ppl": ev["phase1_ppl"],
+                "acc": ev["phase1_acc"],
+                "hard_ppl": ev["phase1_hard_ppl"],
+                "exit_ratio": None,
+                "layer_cost": low / high,
+                "flops_cost": _analytic_cost(config, low, high),
+                "wall_ratio": None,
+            },
+            f"ASHEM, context={config['context']}": {
+                "ppl": ev["two_stage_ppl"],
+                "acc": ev["two_stage_acc"],
+                "hard_ppl": ev["hard_ppl"],
+                "exit_ratio": ev["exit_ratio"],
+                "layer_cost": ev["layer_cost"],
+                "flops_cost": ev["flops_cost"],
+                "wall_ratio": wall(ev),
+            },
+        }
+    layers = config["layers"]
+    if "exit_ratio" in ev:
+        label = (
+            f"deep supervision {layers}-layer, early exit"
+            if run["strategy"] == "deep-supervision"
+            else f"standard {layers}-layer, early exit"
+        )
+        return {label: {k: ev.get(k) for k, _ in COLUMNS[:-1]} | {"wall_ratio": wall(ev)}}
+    name = "deep supervision" if run["strategy"] == "deep-supervision" else "standard"
+    row = {"ppl": ev["ppl"], "acc": ev["acc"], "hard_ppl": None, "exit_ratio": None}
+    return {f"{name} {layers}-layer": row | {"layer_cost": 1.0, "flops_cost": 1.0}}
+
+
+def _mean_std(key: str, values: list[float]) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return _cell(key, values[0])
+    mean, std = statistics.mean(values), statistics.stdev(values)
+    if key in PERCENT:
+        return f"{100 * mean:.2f} ± {100 * std:.2f}%"
+    digits = 3 if key == "wall_ratio" else 1
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def table2(runs: Sequence[dict[str, Any]]) -> str:
+    """Markdown: one row per configuration of the honest-protocol runs, mean ± standard
+    deviation over their seeds (a run repeated with the same seed counts once)."""
+    by_row: dict[str, dict[int, dict[str, float | None]]] = {}
+    devices: dict[str, set[str]] = {}
+    for run in runs:
+        if run["protocol"] != "honest":
+            continue
+        for label, row in table2_rows(run).items():
+            by_row.setdefault(label, {})[run["config"]["seed"]] = row
+            devices.setdefault(label, set()).add(run["device"])
+    if not by_row:
+        return "(no --protocol honest run found)"
+    order = {label: i for i, label in enumerate(ROW_ORDER)}
+    heads = ["row", "seeds"] + [heading for _, heading in COLUMNS]
+    lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
+    for label in sorted(by_row, key=lambda name: (order.get(name, len(order)), name)):
+        seeds = by_row[label]
+        cells = [
+            _mean_std(key, [r[key] for r in seeds.values() if r.get(key) is not None])
+            for key, _ in COLUMNS
+        ]
+        seed_list = ", ".join(str(s) for s in sorted(seeds))
+        lines.append(f"| {label} | {seed_list} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------- threshold sweep
+
+
+def load_model(path: str, device: str = "cpu") -> tuple[LegoModel, dict[str, Any]]:
+    """A model saved by ``python -m lego.train --save-model`` and its saved settings."""
+    try:
+        saved = torch.load(path, map_location=device, weights_only=False)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        raise ValueError(f"{path} cannot be read as a saved model ({e})") from None
+    if not isinstance(saved, dict) or "state_dict" not in saved:
+        raise ValueError(f"{path} is not a model saved by python -m lego.train --save-model")
+    model = LegoModel(ModelConfig(**saved["model_config"])).to(device)
+    model.load_state_dict(saved["state_dict"])
+    return model.eval(), saved
+
+
+def load_run_corpus(config: dict[str, Any], data_dir: str | None = None) -> Corpus:
+    """The corpus a run used, from its JSON ``config`` (``data_dir`` overrides its own)."""
+    return load_corpus(argparse.Namespace(**{**config, "data_dir": data_dir or config["data_dir"]}))
+
+
+def sweep(
+    model: LegoModel,
+    corpus: Corpus,
+    saved: dict[str, Any],
+    exit_ratios: Sequence[float],
+    *,
+    batch_size: int = 64,
+    quiet: bool = True,
+    progress: Callable[[str], None] | None = None,
+) -> list[dict[str, float]]:
+    """Two-stage test metrics of ``model`` at each target exit ratio (its threshold: that
+    quantile of the validation split's exit confidence), plus the threshold itself."""
+    exit_layer, measure = saved["exit_layer"], saved["measure"]
+    _, conf = exit_outputs(
+        model, corpus.valid, exit_layer=exit_layer, batch_size=batch_size, measure=measure
+    )
+    points = []
+    for ratio in exit_ratios:
+        threshold = confidence_threshold(conf.confidence, 1.0 - ratio)
+        metrics = evaluate(
+            model,
+            corpus.test,
+            batch_size=batch_size,
+            exit_layer=exit_layer,
+            threshold=threshold,
+            context=saved["context"],
+            measure=measure,
+            quiet=quiet,
+            time_full=True,
+        )
+        points.append({"target_exit_ratio": ratio, "threshold": threshold, **metrics})
+        if progress is not None:
+            progress(f"exit ratio {ratio:.2f}: test ppl {metrics['ppl']:.1f}")
+    return points
+
+
+def plot_sweep(curves: dict[str, list[dict[str, float]]], path: str) -> None:
+    """Test perplexity against exit ratio, one line per model, written to ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for label, points in curves.items():
+        ax.plot(
+            [100 * p["exit_ratio"] for p in points],
+            [p["ppl"] for p in points],
+            marker="o",
+            label=label,
+        )
+    ax.set_xlabel("tokens exiting at the exit layer (%), test split")
+    ax.set_ylabel("two-stage test perplexity")
+    ax.set_title("Early-exit threshold sweep, WikiText-2")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------- command line
+
+
+def _ratios(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers, got {text!r}"
+        ) from None
+    if not all(0 < v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"every exit ratio must lie in (0, 1), got {text!r}")
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m lego.experiment", description=__doc__.split("\n")[0]
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    tables = sub.add_parser("tables", help="Tables 1 and 2 as markdown, from run JSON files")
+    tables.add_argument("--table1", default="results/table1", help="default: %(default)s")
+    tables.add_argument("--table2", default="results/table2", help="default: %(default)s")
+    tables.add_argument("--out", help="also write the markdown to this file")
+    sw = sub.add_parser("sweep", help="exit ratio against test PPL for saved models")
+    sw.add_argument("models", nargs="+", help="files written by python -m lego.train --save-model")
+    sw.add_argument(
+        "--exit-ratios",
+        type=_ratios,
+        default=[0.1, 0.3, 0.5, 0.7, 0.9],
+        help="comma-separated target exit ratios (default: 0.1,0.3,0.5,0.7,0.9)",
+    )
+    sw.add_argument("--data-dir", help="WikiText-2 folder (default: the run's, $LEGO_DATA_DIR)")
+    sw.add_argument("--json", required=True, help="write the points here")
+    sw.add_argument("--plot", help="also plot them to this PNG")
+    sw.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m lego.experiment``; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "tables":
+            text = "\n\n".join(
+                [
+                    "Table 1 (draft protocol)",
+                    table1(load_runs(args.table1)),
+                    "Table 2 (honest protocol)",
+                    table2(load_runs(args.table2)),
+                ]
+            )
+            print(text)
+            if args.out:
+                with open(args.out, "w") as f:
+                    f.write(text + "\n")
+            return 0
+        curves: dict[str, list[dict[str, float]]] = {}
+        report: dict[str, Any] = {"models": {}}
+        for path in args.models:
+            model, saved = load_model(path)
+            if saved["threshold"] <= 0 and saved["strategy"] != "ashem":
+                print(f"{path}: early exit was off in its run; sweeping it anyway", file=sys.stderr)
+            corpus = load_run_corpus(saved["config"], args.data_dir)
+            label = f"{saved['strategy']} ({saved['context']}), seed {saved['config']['seed']}"
+            print(f"sweeping {label} ({path})", file=sys.stderr)
+            points = sweep(
+                model,
+                corpus,
+                saved,
+                args.exit_ratios,
+                quiet=args.quiet,
+                progress=lambda line: print("  " + line, file=sys.stderr),
+            )
+            curves[label] = points
+            report["models"][label] = {
+                "path": path,
+                "config": saved["config"],
+                "model_config": dataclasses.asdict(model.config),
+                "points": points,
+            }
+        report["device"] = "cpu"
+        report["torch"] = torch.__version__
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+        if args.plot:
+            plot_sweep(curves, args.plot)
+        print(f"points written to {args.json}" + (f", plot to {args.plot}" if args.plot else ""))
+        return 0
+    except (ValueError, FileNotFoundError) as e:
+        print(f"python -m lego.experiment: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

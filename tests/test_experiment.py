@@ -1,0 +1,172 @@
+"""``python -m lego.experiment``: Tables 1 and 2 from run JSON files, the threshold sweep.
+
+Table inputs are tiny real runs of ``python -m lego.train`` on the synthetic corpus
+(torch backend), plus hand-made result dicts where the arithmetic of the aggregation
+is checked (mean and sample standard deviation over seeds).
+"""
+
+import json
+import statistics
+
+import pytest
+
+from lego.config import ModelConfig
+from lego.experiment import (
+    DRAFT,
+    load_model,
+    load_run_corpus,
+    load_runs,
+    main,
+    sweep,
+    table1,
+    table2,
+    table2_rows,
+)
+from lego.model import LegoModel
+from lego.train import main as train
+from lego.trainer import evaluate
+from lego_kernels import ops
+
+TINY = ["--dataset", "synthetic", "--samples", "48", "--seq-len", "8", "--dim", "16"]
+TINY += ["--heads", "2", "--epochs", "1", "--batch-size", "8", "--quiet"]
+
+
+@pytest.fixture(autouse=True)
+def _torch_backend():
+    with ops.use_backend("torch"):
+        yield
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Tiny runs: ASHEM under both protocols and contexts, standard and deep
+    supervision with early exit, the latter two saving their models."""
+    root = tmp_path_factory.mktemp("runs")
+    with ops.use_backend("torch"):
+        for name, argv in {
+            "table1/ashem-seed": ["--protocol", "seed"],
+            "table2/ashem-propagate-s0": ["--save-model", str(root / "ashem.pt")],
+            "table2/ashem-routed-s0": ["--context", "routed"],
+            "table2/ashem-propagate-s1": ["--seed", "1"],
+            "table2/standard-4l": ["--strategy", "standard", "--layers", "4"],
+            "table2/deep": [
+                *("--strategy", "deep-supervision", "--exit-ratio", "0.5"),
+                *("--save-model", str(root / "deep.pt")),
+            ],
+        }.items():
+            assert train([*TINY, *argv, "--out", str(root / f"{name}.json")]) == 0
+    return root
+
+
+def test_table1_puts_the_draft_next_to_each_seed_protocol_run(runs):
+    found = load_runs(str(runs / "table1"))
+    text = table1(found)
+    lines = text.splitlines()
+    assert lines[0] == "| metric | draft | seed 0 (cpu) |"
+    ev = found[0]["eval"]
+    assert f"| two-stage perplexity | 829.8 | {ev['two_stage_ppl']:.1f} |" in lines
+    assert f"| tokens exiting at the exit layer | 70.40% | {100 * ev['exit_ratio']:.2f}% |" in lines
+    assert "| compute cost, FLOPs with heads | - |" in text  # the draft has no FLOPs count
+    assert len(lines) == 2 + len(DRAFT)
+
+
+def test_table2_has_one_row_per_configuration(runs):
+    found = load_runs(str(runs / "table2"))
+    lines = table2(found).splitlines()
+    labels = [line.split(" | ")[0].removeprefix("| ") for line in lines[2:]]
+    assert labels == [
+        "standard 2-layer (ASHEM phase 1)",
+        "standard 4-layer",
+        "deep supervision 4-layer, early exit",
+        "ASHEM, context=propagate",
+        "ASHEM, context=routed",
+    ]
+    seeds = {label: line.split(" | ")[1] for label, line in zip(labels, lines[2:], strict=True)}
+    # Phase 1 of the propagate and routed runs of seed 0 is one model: counted once.
+    assert seeds["standard 2-layer (ASHEM phase 1)"] == "0, 1"
+    assert seeds["ASHEM, context=propagate"] == "0, 1"
+    assert seeds["ASHEM, context=routed"] == "0"
+
+
+def test_ashem_run_gives_its_phase1_row_with_analytic_costs(runs):
+    (run,) = [r for r in load_runs(str(runs / "table2")) if r["path"].endswith("propagate-s0.json")]
+    rows = table2_rows(run)
+    low = rows["standard 2-layer (ASHEM phase 1)"]
+    ev = run["eval"]
+    assert (low["ppl"], low["acc"], low["hard_ppl"]) == (
+        ev["phase1_ppl"],
+        ev["phase1_acc"],
+        ev["phase1_hard_ppl"],
+    )
+    shape = ModelConfig(**run["config"]["model"])
+    two, four = (LegoModel(ModelConfig(**{**vars(shape), "num_layers": n})) for n in (2, 4))
+    t = shape.max_seq_len
+    assert low["layer_cost"] == 0.5
+    assert low["flops_cost"] == pytest.approx(two.flops(1, t) / four.flops(1, t), rel=1e-12)
+    high = rows["ASHEM, context=propagate"]
+    assert high["wall_ratio"] == pytest.approx(ev["wall_time_s"] / ev["full_wall_time_s"])
+    assert high["ppl"] == ev["two_stage_ppl"] and high["exit_ratio"] == ev["exit_ratio"]
+
+
+def _run(seed, ppl, acc):
+    return {
+        "strategy": "standard",
+        "protocol": "honest",
+        "device": "cpu",
+        "config": {"seed": seed, "layers": 4},
+        "eval": {"split": "test", "ppl": ppl, "acc": acc},
+    }
+
+
+def test_table2_mean_and_sample_std_over_seeds():
+    ppls, accs = [300.0, 310.0, 332.0], [0.20, 0.21, 0.25]
+    text = table2([_run(s, p, a) for s, (p, a) in enumerate(zip(ppls, accs, strict=True))])
+    row = text.splitlines()[2]
+    ppl = f"{statistics.mean(ppls):.1f} ± {statistics.stdev(ppls):.1f}"
+    acc = f"{100 * statistics.mean(accs):.2f} ± {100 * statistics.stdev(accs):.2f}%"
+    assert row.startswith(f"| standard 4-layer | 0, 1, 2 | {ppl} | {acc} | - | - |")
+
+
+def test_load_runs_refuses_other_json(tmp_path):
+    (tmp_path / "x.json").write_text(json.dumps({"hello": 1}))
+    with pytest.raises(ValueError, match=r"x\.json is not a python -m lego\.train result"):
+        load_runs(str(tmp_path))
+
+
+def test_sweep_points_are_two_stage_evaluations_at_validation_quantiles(runs):
+    model, saved = load_model(str(runs / "deep.pt"))
+    corpus = load_run_corpus(saved["config"])
+    points = sweep(model, corpus, saved, [0.25, 0.75], batch_size=8)
+    assert [p["target_exit_ratio"] for p in points] == [0.25, 0.75]
+    assert points[0]["threshold"] > points[1]["threshold"]  # more exits: lower threshold
+    assert points[0]["exit_ratio"] < points[1]["exit_ratio"]
+    again = evaluate(
+        model, corpus.test, batch_size=8, exit_layer=2, threshold=points[1]["threshold"]
+    )
+    assert again["ppl"] == pytest.approx(points[1]["ppl"], rel=1e-9)
+    assert points[1]["full_wall_time_s"] > 0
+
+
+def test_cli_tables_and_sweep_write_their_files(runs, tmp_path, capsys):
+    md = tmp_path / "tables.md"
+    argv = ["tables", "--table1", str(runs / "table1"), "--table2", str(runs / "table2")]
+    assert main([*argv, "--out", str(md)]) == 0
+    assert md.read_text().strip() == capsys.readouterr().out.strip()
+    out, png = tmp_path / "sweep.json", tmp_path / "sweep.png"
+    models = [str(runs / "deep.pt"), str(runs / "ashem.pt")]
+    argv = ["sweep", *models, "--exit-ratios", "0.3,0.6", "--json", str(out), "--plot", str(png)]
+    assert main([*argv, "--quiet"]) == 0
+    report = json.loads(out.read_text())
+    assert len(report["models"]) == 2
+    assert all(len(m["points"]) == 2 for m in report["models"].values())
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_bad_input_names_the_problem(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["sweep", "m.pt", "--json", "x.json", "--exit-ratios", "0.5,1.2"])
+    assert "every exit ratio must lie in (0, 1)" in capsys.readouterr().err
+    bogus = tmp_path / "bogus.pt"
+    bogus.write_bytes(b"not a model")
+    assert main(["sweep", str(bogus), "--json", str(tmp_path / "x.json")]) == 2
+    assert "bogus.pt" in capsys.readouterr().err
