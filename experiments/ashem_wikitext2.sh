@@ -8,19 +8,36 @@
 #
 # STEP: table1, table2 (seeds from SEEDS, default "0 1 2"), sweep, tables (default: all).
 # EPOCHS (default 1) is the epoch budget of each Table 2 run on the full training split.
+# Several copies may run at once (e.g. two with OMP_NUM_THREADS=1 on two cores): a run
+# in progress is locked by its process, the others move on to the next run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 SEEDS=${SEEDS:-"0 1 2"}
 EPOCHS=${EPOCHS:-1}
+RESULTS=${RESULTS:-results}
+PLOT=${PLOT:-docs/threshold-sweep.png}
 CKPT=${CKPT:-runs/checkpoints}
 MODELS=${MODELS:-runs/models}
+read -r -a EXTRA <<<"${EXTRA:-}"  # flags added to every run (tests: a tiny synthetic corpus)
 # glibc returns large freed blocks to the OS at once; the CPU path allocates a
 # chunk x vocabulary logits block per step, so keeping them mapped saves ~30% time.
 export MALLOC_MMAP_THRESHOLD_=${MALLOC_MMAP_THRESHOLD_:-4000000000}
 export MALLOC_TRIM_THRESHOLD_=${MALLOC_TRIM_THRESHOLD_:-4000000000}
 
-train() {  # train OUT.json FLAG...: one run, skipped when OUT.json exists
+claim() {  # claim NAME: succeeds when no live process of this script holds NAME's lock
+    local lock=$CKPT/$1.lock pid
+    mkdir -p "$CKPT"
+    if ! mkdir "$lock" 2>/dev/null; then
+        pid=$(cat "$lock/pid" 2>/dev/null || true)
+        if [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null; then
+            return 1
+        fi  # else: the lock of a killed copy, taken over
+    fi
+    echo $$ >"$lock/pid"
+}
+
+train() {  # train OUT.json FLAG...: one run, skipped when OUT.json exists or is running
     local out=$1 name
     shift
     name=$(basename "$out" .json)
@@ -28,39 +45,51 @@ train() {  # train OUT.json FLAG...: one run, skipped when OUT.json exists
         echo "== $name: $out exists, skipped"
         return
     fi
-    echo "== $name: python -m lego.train $*"
-    python -m lego.train "$@" --quiet --out "$out" --checkpoint-dir "$CKPT/$name" --resume
+    if ! claim "$name"; then
+        echo "== $name: running in another process, skipped"
+        return
+    fi
+    echo "== $name ($(date -u +%FT%TZ)): python -m lego.train $*"
+    python -m lego.train "$@" "${EXTRA[@]}" --quiet --out "$out" --checkpoint-dir "$CKPT/$name" \
+        --resume
+    rm -rf "$CKPT/$name.lock"
 }
 
 table1() {  # the draft's protocol and settings (the trainer's defaults)
-    train results/table1/ashem-seed-protocol-seed0.json --strategy ashem --protocol seed --seed 0
+    train "$RESULTS/table1/ashem-seed-protocol-seed0.json" --strategy ashem --protocol seed --seed 0
 }
 
 table2() {  # honest protocol, full training split, test-split numbers
     local full=(--samples 0 --epochs "$EPOCHS")
     for seed in $SEEDS; do
-        train "results/table2/ashem-propagate-seed$seed.json" --strategy ashem "${full[@]}" \
+        train "$RESULTS/table2/ashem-propagate-seed$seed.json" --strategy ashem "${full[@]}" \
             --seed "$seed" --context propagate --save-model "$MODELS/ashem-propagate-seed$seed.pt"
-        # Same phase-1 model as the propagate run (phase 1 does not read --context).
-        train "results/table2/ashem-routed-seed$seed.json" --strategy ashem "${full[@]}" \
-            --seed "$seed" --context routed --save-model "$MODELS/ashem-routed-seed$seed.pt" \
-            --phase1-from "$CKPT/ashem-propagate-seed$seed/phase1.pt"
-        train "results/table2/standard-4l-seed$seed.json" --strategy standard --layers 4 \
+        train "$RESULTS/table2/standard-4l-seed$seed.json" --strategy standard --layers 4 \
             "${full[@]}" --seed "$seed"
-        train "results/table2/deep-supervision-seed$seed.json" --strategy deep-supervision \
+        train "$RESULTS/table2/deep-supervision-seed$seed.json" --strategy deep-supervision \
             --layers 4 --exit-layer 2 --exit-ratio 0.5 "${full[@]}" --seed "$seed" \
             --save-model "$MODELS/deep-supervision-seed$seed.pt"
+        # Same phase-1 model as the propagate run (phase 1 does not read --context).
+        local phase1=$CKPT/ashem-propagate-seed$seed/phase1.pt
+        if [[ -f $phase1 ]]; then
+            train "$RESULTS/table2/ashem-routed-seed$seed.json" --strategy ashem "${full[@]}" \
+                --seed "$seed" --context routed --phase1-from "$phase1" \
+                --save-model "$MODELS/ashem-routed-seed$seed.pt"
+        else
+            echo "== ashem-routed-seed$seed: waits for $phase1 (the propagate run's phase 1)"
+        fi
     done
 }
 
 sweep() {  # exit ratio against test perplexity, seed 0's ASHEM and deep-supervision models
     python -m lego.experiment sweep "$MODELS/ashem-propagate-seed0.pt" \
         "$MODELS/deep-supervision-seed0.pt" --quiet \
-        --json results/sweep/threshold-sweep-seed0.json --plot docs/threshold-sweep.png
+        --json "$RESULTS/sweep/threshold-sweep-seed0.json" --plot "$PLOT"
 }
 
 tables() {
-    python -m lego.experiment tables --out results/tables.md
+    python -m lego.experiment tables --table1 "$RESULTS/table1" --table2 "$RESULTS/table2" \
+        --out "$RESULTS/tables.md"
 }
 
 for step in "${@:-table1 table2 sweep tables}"; do

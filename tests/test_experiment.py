@@ -6,7 +6,10 @@ is checked (mean and sample standard deviation over seeds).
 """
 
 import json
+import os
 import statistics
+import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -27,6 +30,7 @@ from lego.train import main as train
 from lego.trainer import evaluate
 from lego_kernels import ops
 
+ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--dataset", "synthetic", "--samples", "48", "--seq-len", "8", "--dim", "16"]
 TINY += ["--heads", "2", "--epochs", "1", "--batch-size", "8", "--quiet"]
 
@@ -170,3 +174,38 @@ def test_cli_bad_input_names_the_problem(tmp_path, capsys):
     bogus.write_bytes(b"not a model")
     assert main(["sweep", str(bogus), "--json", str(tmp_path / "x.json")]) == 2
     assert "bogus.pt" in capsys.readouterr().err
+
+
+def test_script_runs_every_step_in_two_copies_and_skips_what_exists(tmp_path):
+    """``experiments/ashem_wikitext2.sh`` on a tiny synthetic corpus: two copies at once
+    share the runs (locks), then a third pass finds every result and skips it."""
+    env = {
+        **os.environ,
+        "SEEDS": "0",
+        "RESULTS": str(tmp_path / "results"),
+        "PLOT": str(tmp_path / "sweep.png"),
+        "CKPT": str(tmp_path / "ckpt"),
+        "MODELS": str(tmp_path / "models"),
+        "EXTRA": " ".join([*TINY, "--samples", "48"]),
+        "OMP_NUM_THREADS": "1",
+    }
+    script = [str(ROOT / "experiments" / "ashem_wikitext2.sh"), "table1", "table2"]
+    copies = [
+        subprocess.Popen(["bash", *script], env=env, stdout=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    logs = [copy.communicate()[0] for copy in copies]
+    assert [copy.returncode for copy in copies] == [0, 0], logs
+    results = tmp_path / "results"
+    names = {"ashem-propagate", "ashem-routed", "standard-4l", "deep-supervision"}
+    assert {p.name for p in (results / "table2").iterdir()} == {f"{n}-seed0.json" for n in names}
+    for name in names:  # each run started once, by one copy or the other
+        assert sum(log.count(f"== {name}-seed0 (") for log in logs) == 1
+    done = subprocess.run(
+        ["bash", *script, "sweep", "tables"], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("exists, skipped") == 5
+    assert (tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+    tables = (results / "tables.md").read_text()
+    assert "ASHEM, context=routed" in tables and "| metric | draft | seed 0 (cpu) |" in tables
