@@ -30,9 +30,9 @@ claim() {  # claim NAME: succeeds when no live process of this script holds NAME
     mkdir -p "$CKPT"
     if ! mkdir "$lock" 2>/dev/null; then
         pid=$(cat "$lock/pid" 2>/dev/null || true)
-        if [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null; then
+        if [[ -n $pid && $pid != "$$" ]] && kill -0 "$pid" 2>/dev/null; then
             return 1
-        fi  # else: the lock of a killed copy, taken over
+        fi  # else: this process's own lock, or that of a killed copy, taken over
     fi
     echo $$ >"$lock/pid"
 }
