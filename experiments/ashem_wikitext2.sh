@@ -82,9 +82,18 @@ table2() {  # honest protocol, full training split, test-split numbers
 }
 
 sweep() {  # exit ratio against test perplexity, seed 0's ASHEM and deep-supervision models
-    python -m lego.experiment sweep "$MODELS/ashem-propagate-seed0.pt" \
-        "$MODELS/deep-supervision-seed0.pt" --quiet \
-        --json "$RESULTS/sweep/threshold-sweep-seed0.json" --plot "$PLOT"
+    local name
+    for name in ashem-propagate-seed0 deep-supervision-seed0; do
+        if [[ -f $RESULTS/sweep/$name.json ]]; then
+            echo "== sweep $name: exists, skipped"
+        elif claim "sweep-$name"; then
+            echo "== sweep $name ($(date -u +%FT%TZ))"
+            python -m lego.experiment sweep "$MODELS/$name.pt" --quiet \
+                --json "$RESULTS/sweep/$name.json"
+            rm -rf "$CKPT/sweep-$name.lock"
+        fi
+    done
+    python -m lego.experiment plot "$RESULTS"/sweep/*.json --out "$PLOT"
 }
 
 tables() {

@@ -10,11 +10,12 @@ of saved models (``--save-model``):
   deviation over the seeds found. The "standard 2-layer" row is ASHEM's phase 1 (the
   same model, data and schedule as ``--strategy standard --layers 2`` with that seed),
   read from the ASHEM runs' ``phase1_*`` numbers.
-- ``python -m lego.experiment sweep MODEL.pt ... --json OUT --plot PNG``: for each
-  saved early-exit model and each target exit ratio, the threshold is the matching
-  quantile of the exit confidence on the validation split; the test split is evaluated
-  with two-stage inference at that threshold. Writes the points as JSON and plots test
-  perplexity against the exit ratio.
+- ``python -m lego.experiment sweep MODEL.pt ... --json OUT``: for each saved early-exit
+  model and each target exit ratio, the threshold is the matching quantile of the exit
+  confidence on the validation split; the test split is evaluated with two-stage
+  inference at that threshold. Writes the points as JSON.
+- ``python -m lego.experiment plot SWEEP.json ... --out PNG``: test perplexity against
+  the exit ratio, one line per model.
 
 Costs (``layer_cost``, ``flops_cost``) are relative to the full-depth forward of the
 deep model (4 layers in the draft's shape); the wall-clock column divides two-stage
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import glob
 import json
 import math
@@ -243,10 +245,12 @@ def sweep(
     *,
     batch_size: int = 64,
     quiet: bool = True,
+    time_full: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> list[dict[str, float]]:
     """Two-stage test metrics of ``model`` at each target exit ratio (its threshold: that
-    quantile of the validation split's exit confidence), plus the threshold itself."""
+    quantile of the validation split's exit confidence), plus the threshold itself;
+    ``time_full``: also time the full-depth forward (``evaluate``'s ``full_wall_time_s``)."""
     exit_layer, measure = saved["exit_layer"], saved["measure"]
     _, conf = exit_outputs(
         model, corpus.valid, exit_layer=exit_layer, batch_size=batch_size, measure=measure
@@ -263,7 +267,7 @@ def sweep(
             context=saved["context"],
             measure=measure,
             quiet=quiet,
-            time_full=True,
+            time_full=time_full,
         )
         points.append({"target_exit_ratio": ratio, "threshold": threshold, **metrics})
         if progress is not None:
@@ -331,65 +335,87 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sw.add_argument("--data-dir", help="WikiText-2 folder (default: the run's, $LEGO_DATA_DIR)")
     sw.add_argument("--json", required=True, help="write the points here")
-    sw.add_argument("--plot", help="also plot them to this PNG")
+    sw.add_argument(
+        "--time-full", action="store_true", help="also time the full-depth forward at each point"
+    )
     sw.add_argument("--quiet", action="store_true", help="no progress bars")
+    plot = sub.add_parser("plot", help="plot the points of sweep JSON files to one PNG")
+    plot.add_argument("sweeps", nargs="+", help="files written by the sweep command")
+    plot.add_argument("--out", required=True, help="the PNG to write")
     return parser
+
+
+def _tables(args: argparse.Namespace) -> None:
+    text = "\n\n".join(
+        [
+            "Table 1 (draft protocol)",
+            table1(load_runs(args.table1)),
+            "Table 2 (honest protocol)",
+            table2(load_runs(args.table2)),
+        ]
+    )
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+
+
+def _sweep(args: argparse.Namespace) -> None:
+    report: dict[str, Any] = {
+        "device": "cpu",
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "date": datetime.date.today().isoformat(),
+        "models": {},
+    }
+    for path in args.models:
+        model, saved = load_model(path)
+        corpus = load_run_corpus(saved["config"], args.data_dir)
+        label = f"{saved['strategy']} ({saved['context']}), seed {saved['config']['seed']}"
+        print(f"sweeping {label} ({path})", file=sys.stderr)
+        points = sweep(
+            model,
+            corpus,
+            saved,
+            args.exit_ratios,
+            quiet=args.quiet,
+            time_full=args.time_full,
+            progress=lambda line: print("  " + line, file=sys.stderr),
+        )
+        report["models"][label] = {
+            "path": path,
+            "config": saved["config"],
+            "model_config": dataclasses.asdict(model.config),
+            "points": points,
+        }
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump(report, f, indent=2)
+    print(f"points written to {args.json}")
+
+
+def _plot(args: argparse.Namespace) -> None:
+    curves: dict[str, list[dict[str, float]]] = {}
+    for path in args.sweeps:
+        with open(path) as f:
+            report = json.load(f)
+        if "models" not in report:
+            raise ValueError(f"{path} is not a python -m lego.experiment sweep file")
+        curves |= {label: m["points"] for label, m in report["models"].items()}
+    plot_sweep(curves, args.out)
+    print(f"plot written to {args.out}")
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m lego.experiment``; returns the exit status."""
     args = build_parser().parse_args(argv)
+    command = {"tables": _tables, "sweep": _sweep, "plot": _plot}[args.command]
     try:
-        if args.command == "tables":
-            text = "\n\n".join(
-                [
-                    "Table 1 (draft protocol)",
-                    table1(load_runs(args.table1)),
-                    "Table 2 (honest protocol)",
-                    table2(load_runs(args.table2)),
-                ]
-            )
-            print(text)
-            if args.out:
-                with open(args.out, "w") as f:
-                    f.write(text + "\n")
-            return 0
-        curves: dict[str, list[dict[str, float]]] = {}
-        report: dict[str, Any] = {"models": {}}
-        for path in args.models:
-            model, saved = load_model(path)
-            if saved["threshold"] <= 0 and saved["strategy"] != "ashem":
-                print(f"{path}: early exit was off in its run; sweeping it anyway", file=sys.stderr)
-            corpus = load_run_corpus(saved["config"], args.data_dir)
-            label = f"{saved['strategy']} ({saved['context']}), seed {saved['config']['seed']}"
-            print(f"sweeping {label} ({path})", file=sys.stderr)
-            points = sweep(
-                model,
-                corpus,
-                saved,
-                args.exit_ratios,
-                quiet=args.quiet,
-                progress=lambda line: print("  " + line, file=sys.stderr),
-            )
-            curves[label] = points
-            report["models"][label] = {
-                "path": path,
-                "config": saved["config"],
-                "model_config": dataclasses.asdict(model.config),
-                "points": points,
-            }
-        report["device"] = "cpu"
-        report["torch"] = torch.__version__
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
-        if args.plot:
-            plot_sweep(curves, args.plot)
-        print(f"points written to {args.json}" + (f", plot to {args.plot}" if args.plot else ""))
-        return 0
+        command(args)
     except (ValueError, FileNotFoundError) as e:
         print(f"python -m lego.experiment: error: {e}", file=sys.stderr)
         return 2
+    return 0
 
 
 if __name__ == "__main__":

@@ -140,7 +140,7 @@ def test_load_runs_refuses_other_json(tmp_path):
 def test_sweep_points_are_two_stage_evaluations_at_validation_quantiles(runs):
     model, saved = load_model(str(runs / "deep.pt"))
     corpus = load_run_corpus(saved["config"])
-    points = sweep(model, corpus, saved, [0.25, 0.75], batch_size=8)
+    points = sweep(model, corpus, saved, [0.25, 0.75], batch_size=8, time_full=True)
     assert [p["target_exit_ratio"] for p in points] == [0.25, 0.75]
     assert points[0]["threshold"] > points[1]["threshold"]  # more exits: lower threshold
     assert points[0]["exit_ratio"] < points[1]["exit_ratio"]
@@ -158,11 +158,14 @@ def test_cli_tables_and_sweep_write_their_files(runs, tmp_path, capsys):
     assert md.read_text().strip() == capsys.readouterr().out.strip()
     out, png = tmp_path / "sweep.json", tmp_path / "sweep.png"
     models = [str(runs / "deep.pt"), str(runs / "ashem.pt")]
-    argv = ["sweep", *models, "--exit-ratios", "0.3,0.6", "--json", str(out), "--plot", str(png)]
+    argv = ["sweep", *models, "--exit-ratios", "0.3,0.6", "--json", str(out), "--time-full"]
     assert main([*argv, "--quiet"]) == 0
     report = json.loads(out.read_text())
-    assert len(report["models"]) == 2
-    assert all(len(m["points"]) == 2 for m in report["models"].values())
+    assert len(report["models"]) == 2 and report["device"] == "cpu"
+    for curve in report["models"].values():
+        assert [p["target_exit_ratio"] for p in curve["points"]] == [0.3, 0.6]
+        assert all(p["full_wall_time_s"] > 0 for p in curve["points"])
+    assert main(["plot", str(out), "--out", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -174,6 +177,8 @@ def test_cli_bad_input_names_the_problem(tmp_path, capsys):
     bogus.write_bytes(b"not a model")
     assert main(["sweep", str(bogus), "--json", str(tmp_path / "x.json")]) == 2
     assert "bogus.pt" in capsys.readouterr().err
+    assert main(["plot", str(tmp_path / "x.json"), "--out", str(tmp_path / "p.png")]) == 2
+    assert "x.json" in capsys.readouterr().err  # no such file
 
 
 def test_script_runs_every_step_in_two_copies_and_skips_what_exists(tmp_path):
@@ -205,7 +210,7 @@ def test_script_runs_every_step_in_two_copies_and_skips_what_exists(tmp_path):
         ["bash", *script, "sweep", "tables"], env=env, capture_output=True, text=True
     )
     assert done.returncode == 0, done.stderr
-    assert done.stdout.count("exists, skipped") == 5
+    assert done.stdout.count("exists, skipped") == 5  # table1 and the four table2 runs
     assert (tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
     tables = (results / "tables.md").read_text()
     assert "ASHEM, context=routed" in tables and "| metric | draft | seed 0 (cpu) |" in tables

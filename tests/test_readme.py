@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from lego.experiment import load_runs, table1, table2
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -20,3 +22,13 @@ def test_readme_python_examples_run():
         )
         assert result.returncode == 0, result.stderr
         assert result.stdout.strip(), "the example prints its result"
+
+
+def test_readme_tables_are_the_committed_results():
+    """The ASHEM tables in the README are what ``python -m lego.experiment tables``
+    makes of the JSON files under ``results/``, digit for digit."""
+    text = (ROOT / "README.md").read_text()
+    for folder, make in (("table1", table1), ("table2", table2)):
+        runs = load_runs(str(ROOT / "results" / folder))
+        assert runs, f"results/{folder} holds no run"
+        assert make(runs) in text, f"README.md does not show the table of results/{folder}"
