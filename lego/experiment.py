@@ -275,7 +275,7 @@ def sweep(
     return points
 
 
-def plot_sweep(curves: dict[str, list[dict[str, float]]], path: str) -> None:
+def plot_sweep(curves: dict[str, list[dict[str, float]]], path: str, dataset: str) -> None:
     """Test perplexity against exit ratio, one line per model, written to ``path``."""
     import matplotlib
 
@@ -292,7 +292,7 @@ def plot_sweep(curves: dict[str, list[dict[str, float]]], path: str) -> None:
         )
     ax.set_xlabel("tokens exiting at the exit layer (%), test split")
     ax.set_ylabel("two-stage test perplexity")
-    ax.set_title("Early-exit threshold sweep, WikiText-2")
+    ax.set_title(f"Early-exit threshold sweep, {dataset}")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -396,13 +396,15 @@ def _sweep(args: argparse.Namespace) -> None:
 
 def _plot(args: argparse.Namespace) -> None:
     curves: dict[str, list[dict[str, float]]] = {}
+    datasets = set()
     for path in args.sweeps:
         with open(path) as f:
             report = json.load(f)
         if "models" not in report:
             raise ValueError(f"{path} is not a python -m lego.experiment sweep file")
         curves |= {label: m["points"] for label, m in report["models"].items()}
-    plot_sweep(curves, args.out)
+        datasets |= {m["config"]["dataset"] for m in report["models"].values()}
+    plot_sweep(curves, args.out, ", ".join(sorted(datasets)))
     print(f"plot written to {args.out}")
 
 
