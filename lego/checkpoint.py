@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import random
 import tempfile
+import time
 from typing import Any
 
 import torch
@@ -87,7 +88,8 @@ class Checkpointer:
     settings named in ``may_differ``.
 
     ``state``: the loaded checkpoint's ``state`` dict (what the run passed to ``save``),
-    or ``None`` when the run starts afresh.
+    or ``None`` when the run starts afresh. ``elapsed()``: seconds spent on the run so
+    far, the processes before a resume included (saved with every checkpoint).
     """
 
     def __init__(
@@ -106,6 +108,8 @@ class Checkpointer:
         self.write = write
         self.state: dict[str, Any] | None = None
         self._rng: dict[str, Any] | None = None
+        self._started = time.perf_counter()
+        self._elapsed_before = 0.0
         exists = os.path.exists(self.path)
         if exists and not resume:
             raise CheckpointError(
@@ -151,11 +155,17 @@ class Checkpointer:
             )
             raise CheckpointError(f"{path} was written with other settings ({details}); {fix}")
         self.state, self._rng = state, rng
+        self._elapsed_before = saved.get("elapsed_s", 0.0)
 
     def restore_rng(self) -> None:
         """Put the RNGs back where the loaded checkpoint left them (no-op when fresh)."""
         if self._rng is not None:
             set_rng_state(self._rng)
+
+    def elapsed(self) -> float:
+        """Seconds of this process since the checkpointer was made, plus those that the
+        loaded checkpoint had recorded."""
+        return self._elapsed_before + time.perf_counter() - self._started
 
     def save(self, state: dict[str, Any], *, also_as: str | None = None) -> None:
         """Atomically replace the checkpoint with ``state`` (tensors, containers and
@@ -167,6 +177,7 @@ class Checkpointer:
                 "fingerprint": self.fingerprint,
                 "state": state,
                 "rng": rng_state(),
+                "elapsed_s": self.elapsed(),
             }
             save_atomic(saved, self.path)
             if also_as is not None:

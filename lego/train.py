@@ -444,7 +444,10 @@ def run(
         results["val_ppl"] = fit.best_val_ppl
         results["history"] = fit.history
         results["eval"] = {"split": split, **metrics}
-    results["wall_time_s"] = time.perf_counter() - start
+    # A resumed run counts the time of the processes before it (its checkpoint's).
+    results["wall_time_s"] = (
+        checkpoint.elapsed() if checkpoint is not None else time.perf_counter() - start
+    )
     if args.save_model is not None and rank == 0:
         save_model(args.save_model, model, results)
     return results

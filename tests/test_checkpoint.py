@@ -220,3 +220,12 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, caps
     state = torch.load(ckpt / CHECKPOINT_NAME, weights_only=True)["state"]["trainer"]
     assert state["epoch"] == 1
     assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_elapsed_time_carries_over_a_resume(tmp_path):
+    first = Checkpointer(str(tmp_path), {"--seed": 0})
+    time.sleep(0.2)
+    first.save({"step": 1})
+    resumed = Checkpointer(str(tmp_path), {"--seed": 0}, resume=True)
+    assert resumed.elapsed() >= 0.2  # the first process's time, though this one just began
+    assert resumed.elapsed() < first.elapsed() + 0.1
