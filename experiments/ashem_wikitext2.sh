@@ -93,7 +93,7 @@ sweep() {  # exit ratio against test perplexity, seed 0's ASHEM and deep-supervi
             rm -rf "$CKPT/sweep-$name.lock"
         fi
     done
-    python -m lego.experiment plot "$RESULTS"/sweep/*.json --out "$PLOT"
+    python -m lego.experiment plot "$RESULTS"/sweep/*.json --table2 "$RESULTS/table2" --out "$PLOT"
 }
 
 tables() {

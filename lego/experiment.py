@@ -275,8 +275,15 @@ def sweep(
     return points
 
 
-def plot_sweep(curves: dict[str, list[dict[str, float]]], path: str, dataset: str) -> None:
-    """Test perplexity against exit ratio, one line per model, written to ``path``."""
+def plot_sweep(
+    curves: dict[str, list[dict[str, float]]],
+    path: str,
+    dataset: str,
+    references: dict[str, float] | None = None,
+) -> None:
+    """Test perplexity against exit ratio, one line per model, written to ``path``;
+    ``references``: label -> test perplexity of models without early exit, drawn as
+    horizontal dashed lines."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -290,14 +297,15 @@ def plot_sweep(curves: dict[str, list[dict[str, float]]], path: str, dataset: st
             marker="o",
             label=label,
         )
+    for i, (label, ppl) in enumerate((references or {}).items()):
+        ax.axhline(ppl, linestyle="--", color=f"C{len(curves) + i}", label=f"{label}: {ppl:.1f}")
     ax.set_xlabel("tokens exiting at the exit layer (%), test split")
     ax.set_ylabel("two-stage test perplexity")
     ax.set_title(f"Early-exit threshold sweep, {dataset}")
     ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), fontsize="small")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -342,6 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
     plot = sub.add_parser("plot", help="plot the points of sweep JSON files to one PNG")
     plot.add_argument("sweeps", nargs="+", help="files written by the sweep command")
     plot.add_argument("--out", required=True, help="the PNG to write")
+    plot.add_argument(
+        "--table2", help="Table 2 runs folder: draw its standard rows' test PPL as references"
+    )
     return parser
 
 
@@ -404,7 +415,15 @@ def _plot(args: argparse.Namespace) -> None:
             raise ValueError(f"{path} is not a python -m lego.experiment sweep file")
         curves |= {label: m["points"] for label, m in report["models"].items()}
         datasets |= {m["config"]["dataset"] for m in report["models"].values()}
-    plot_sweep(curves, args.out, ", ".join(sorted(datasets)))
+    references: dict[str, float] = {}
+    if args.table2:
+        ppls: dict[str, list[float]] = {}
+        for run in load_runs(args.table2):
+            for label, row in table2_rows(run).items():
+                if label.startswith("standard") and run["protocol"] == "honest":
+                    ppls.setdefault(label, []).append(row["ppl"])
+        references = {f"{label}, mean": statistics.mean(v) for label, v in sorted(ppls.items())}
+    plot_sweep(curves, args.out, ", ".join(sorted(datasets)), references)
     print(f"plot written to {args.out}")
 
 

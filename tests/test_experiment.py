@@ -165,7 +165,8 @@ def test_cli_tables_and_sweep_write_their_files(runs, tmp_path, capsys):
     for curve in report["models"].values():
         assert [p["target_exit_ratio"] for p in curve["points"]] == [0.3, 0.6]
         assert all(p["full_wall_time_s"] > 0 for p in curve["points"])
-    assert main(["plot", str(out), "--out", str(png)]) == 0
+    table2_dir = str(runs / "table2")
+    assert main(["plot", str(out), "--table2", table2_dir, "--out", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
