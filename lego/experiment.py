@@ -43,7 +43,7 @@ from lego.ashem import confidence_threshold
 from lego.config import ModelConfig
 from lego.data import Corpus
 from lego.model import LegoModel
-from lego.train import load_corpus
+from lego.train import PERCENT, load_corpus
 from lego.trainer import evaluate, exit_outputs
 
 # The paper draft's WikiText-2 numbers (dim 64, 2 -> 4 layers, validation split), quoted
@@ -70,7 +70,6 @@ TABLE1_ROWS = {
     "layer_cost": "compute cost, layers counted",
     "flops_cost": "compute cost, FLOPs with heads",
 }
-PERCENT = {"phase1_acc", "two_stage_acc", "acc", "exit_ratio", "layer_cost", "flops_cost"}
 # Table 2's columns: (key, heading).
 COLUMNS = (
     ("ppl", "test PPL"),
