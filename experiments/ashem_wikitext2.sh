@@ -6,8 +6,11 @@
 #
 #   LEGO_DATA_DIR=../shared/data/wikitext-2-v1 bash experiments/ashem_wikitext2.sh [STEP...]
 #
-# STEP: table1, table2 (seeds from SEEDS, default "0 1 2"), sweep, tables (default: all).
-# EPOCHS (default 1) is the epoch budget of each Table 2 run on the full training split.
+# STEP: table1, table2 (seeds from SEEDS, default "0 1 2"), sweep, shape2 (Table 3: the
+# second shape, dim 512, 8 layers, exit after 4; seeds from SHAPE2_SEEDS, default "0";
+# its runs, then its sweep and plot), tables (default: all but shape2, which needs hours
+# of CPU per run). EPOCHS (default 1) is the epoch budget of each run of Tables 2 and 3
+# on the full training split.
 # Several copies may run at once (e.g. two with OMP_NUM_THREADS=1 on two cores): a run
 # in progress is locked by its process, the others move on to the next run.
 set -euo pipefail
@@ -16,7 +19,9 @@ cd "$(dirname "$0")/.."
 SEEDS=${SEEDS:-"0 1 2"}
 EPOCHS=${EPOCHS:-1}
 RESULTS=${RESULTS:-results}
+SHAPE2_SEEDS=${SHAPE2_SEEDS:-"0"}
 PLOT=${PLOT:-docs/threshold-sweep.png}
+PLOT2=${PLOT2:-docs/threshold-sweep-shape2.png}
 CKPT=${CKPT:-runs/checkpoints}
 MODELS=${MODELS:-runs/models}
 read -r -a EXTRA <<<"${EXTRA:-}"  # flags added to every run (tests: a tiny synthetic corpus)
@@ -59,46 +64,66 @@ table1() {  # the draft's protocol and settings (the trainer's defaults)
     train "$RESULTS/table1/ashem-seed-protocol-seed0.json" --strategy ashem --protocol seed --seed 0
 }
 
-table2() {  # honest protocol, full training split, test-split numbers
-    local full=(--samples 0 --epochs "$EPOCHS")
+honest() {  # honest DIR SUFFIX LOW HIGH SEED FLAG...: the five rows of Table 2 (or 3)
+    local dir=$1 suffix=$2 low=$3 high=$4 seed=$5
+    shift 5
+    local run=(--samples 0 --epochs "$EPOCHS" --seed "$seed" "$@")
+    train "$dir/ashem-propagate$suffix-seed$seed.json" --strategy ashem "${run[@]}" \
+        --phase1-layers "$low" --phase2-layers "$high" --context propagate \
+        --save-model "$MODELS/ashem-propagate$suffix-seed$seed.pt"
+    train "$dir/standard-${high}l$suffix-seed$seed.json" --strategy standard --layers "$high" \
+        "${run[@]}"
+    train "$dir/deep-supervision$suffix-seed$seed.json" --strategy deep-supervision \
+        --layers "$high" --exit-layer "$low" --exit-ratio 0.5 "${run[@]}" \
+        --save-model "$MODELS/deep-supervision$suffix-seed$seed.pt"
+    # Same phase-1 model as the propagate run (phase 1 does not read --context).
+    local phase1=$CKPT/ashem-propagate$suffix-seed$seed/phase1.pt
+    if [[ -f $phase1 ]]; then
+        train "$dir/ashem-routed$suffix-seed$seed.json" --strategy ashem "${run[@]}" \
+            --phase1-layers "$low" --phase2-layers "$high" --context routed \
+            --phase1-from "$phase1" --save-model "$MODELS/ashem-routed$suffix-seed$seed.pt"
+    else
+        echo "== ashem-routed$suffix-seed$seed: waits for $phase1 (the propagate run's phase 1)"
+    fi
+}
+
+table2() {  # honest protocol, full training split, test-split numbers; the draft's shape
     for seed in $SEEDS; do
-        train "$RESULTS/table2/ashem-propagate-seed$seed.json" --strategy ashem "${full[@]}" \
-            --seed "$seed" --context propagate --save-model "$MODELS/ashem-propagate-seed$seed.pt"
-        train "$RESULTS/table2/standard-4l-seed$seed.json" --strategy standard --layers 4 \
-            "${full[@]}" --seed "$seed"
-        train "$RESULTS/table2/deep-supervision-seed$seed.json" --strategy deep-supervision \
-            --layers 4 --exit-layer 2 --exit-ratio 0.5 "${full[@]}" --seed "$seed" \
-            --save-model "$MODELS/deep-supervision-seed$seed.pt"
-        # Same phase-1 model as the propagate run (phase 1 does not read --context).
-        local phase1=$CKPT/ashem-propagate-seed$seed/phase1.pt
-        if [[ -f $phase1 ]]; then
-            train "$RESULTS/table2/ashem-routed-seed$seed.json" --strategy ashem "${full[@]}" \
-                --seed "$seed" --context routed --phase1-from "$phase1" \
-                --save-model "$MODELS/ashem-routed-seed$seed.pt"
-        else
-            echo "== ashem-routed-seed$seed: waits for $phase1 (the propagate run's phase 1)"
+        honest "$RESULTS/table2" "" 2 4 "$seed"
+    done
+}
+
+shape2() {  # Table 3: Table 2's rows where the layers cost more than the head
+    for seed in $SHAPE2_SEEDS; do
+        honest "$RESULTS/shape2" -shape2 4 8 "$seed" --dim 512 --heads 8
+    done
+    sweep_models "$RESULTS/shape2-sweep" ashem-propagate-shape2-seed0 deep-supervision-shape2-seed0
+    python -m lego.experiment plot "$RESULTS"/shape2-sweep/*.json --table2 "$RESULTS/shape2" \
+        --out "$PLOT2"
+}
+
+sweep_models() {  # sweep_models DIR NAME...: sweep each saved model into DIR/NAME.json
+    local dir=$1 name
+    shift
+    for name in "$@"; do
+        if [[ -f $dir/$name.json ]]; then
+            echo "== sweep $name: exists, skipped"
+        elif claim "sweep-$name"; then
+            echo "== sweep $name ($(date -u +%FT%TZ))"
+            python -m lego.experiment sweep "$MODELS/$name.pt" --quiet --json "$dir/$name.json"
+            rm -rf "$CKPT/sweep-$name.lock"
         fi
     done
 }
 
 sweep() {  # exit ratio against test perplexity, seed 0's ASHEM and deep-supervision models
-    local name
-    for name in ashem-propagate-seed0 deep-supervision-seed0; do
-        if [[ -f $RESULTS/sweep/$name.json ]]; then
-            echo "== sweep $name: exists, skipped"
-        elif claim "sweep-$name"; then
-            echo "== sweep $name ($(date -u +%FT%TZ))"
-            python -m lego.experiment sweep "$MODELS/$name.pt" --quiet \
-                --json "$RESULTS/sweep/$name.json"
-            rm -rf "$CKPT/sweep-$name.lock"
-        fi
-    done
+    sweep_models "$RESULTS/sweep" ashem-propagate-seed0 deep-supervision-seed0
     python -m lego.experiment plot "$RESULTS"/sweep/*.json --table2 "$RESULTS/table2" --out "$PLOT"
 }
 
 tables() {
     python -m lego.experiment tables --table1 "$RESULTS/table1" --table2 "$RESULTS/table2" \
-        --out "$RESULTS/tables.md"
+        --shape2 "$RESULTS/shape2" --out "$RESULTS/tables.md"
 }
 
 for step in "${@:-table1 table2 sweep tables}"; do

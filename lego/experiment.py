@@ -1,24 +1,27 @@
 """The ASHEM experiment's tables and threshold sweep, from the runs' JSON files.
 
 ``python -m lego.train`` runs one configuration and writes its JSON; this module turns
-a folder of them into the two tables of the README and sweeps the early-exit threshold
-of saved models (``--save-model``):
+a folder of them into the tables of the README and sweeps the early-exit threshold of
+saved models (``--save-model``):
 
-- ``python -m lego.experiment tables [--table1 DIR] [--table2 DIR]``: markdown tables.
+- ``python -m lego.experiment tables [--table1 DIR] [--table2 DIR] [--shape2 DIR]``:
+  markdown tables.
   Table 1: the ``--protocol seed`` ASHEM runs next to the paper draft's numbers.
   Table 2: the honest-protocol runs, one row per configuration, mean and standard
   deviation over the seeds found. The "standard 2-layer" row is ASHEM's phase 1 (the
   same model, data and schedule as ``--strategy standard --layers 2`` with that seed),
-  read from the ASHEM runs' ``phase1_*`` numbers.
+  read from the ASHEM runs' ``phase1_*`` numbers. Table 3: Table 2's rows for the
+  second model shape (layers that cost more than the head), when its folder exists.
 - ``python -m lego.experiment sweep MODEL.pt ... --json OUT``: for each saved early-exit
   model and each target exit ratio, the threshold is the matching quantile of the exit
   confidence on the validation split; the test split is evaluated with two-stage
   inference at that threshold. Writes the points as JSON.
 - ``python -m lego.experiment plot SWEEP.json ... --out PNG``: test perplexity against
-  the exit ratio, one line per model.
+  the exit ratio and against the FLOPs cost, one line per model (a model's points may
+  come from several sweep files).
 
 Costs (``layer_cost``, ``flops_cost``) are relative to the full-depth forward of the
-deep model (4 layers in the draft's shape); the wall-clock column divides two-stage
+deep model (4 layers in the draft's shape, 8 in the second); the wall-clock column divides two-stage
 inference by the full-depth forward of the same model on the same batches.
 """
 
@@ -32,6 +35,7 @@ import json
 import math
 import os
 import pickle
+import re
 import statistics
 import sys
 from collections.abc import Callable, Sequence
@@ -80,13 +84,8 @@ COLUMNS = (
     ("flops_cost", "FLOPs cost"),
     ("wall_ratio", "wall-clock vs full depth"),
 )
-ROW_ORDER = (
-    "standard 2-layer (ASHEM phase 1)",
-    "standard 4-layer",
-    "deep supervision 4-layer, early exit",
-    "ASHEM, context=propagate",
-    "ASHEM, context=routed",
-)
+# Table 2's row order: by the label's kind, then by its depth (``standard 2-layer`` first).
+ROW_KINDS = ("standard", "deep supervision", "ASHEM, context=propagate", "ASHEM, context=routed")
 
 
 def load_runs(folder: str) -> list[dict[str, Any]]:
@@ -188,6 +187,12 @@ def _mean_std(key: str, values: list[float]) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
+def _row_key(label: str) -> tuple[int, int, str]:
+    kind = next((i for i, k in enumerate(ROW_KINDS) if label.startswith(k)), len(ROW_KINDS))
+    depth = re.search(r"\d+", label)
+    return kind, int(depth.group()) if depth else 0, label
+
+
 def table2(runs: Sequence[dict[str, Any]]) -> str:
     """Markdown: one row per configuration of the honest-protocol runs, mean ± standard
     deviation over their seeds (a run repeated with the same seed counts once)."""
@@ -201,10 +206,9 @@ def table2(runs: Sequence[dict[str, Any]]) -> str:
             devices.setdefault(label, set()).add(run["device"])
     if not by_row:
         return "(no --protocol honest run found)"
-    order = {label: i for i, label in enumerate(ROW_ORDER)}
     heads = ["row", "seeds"] + [heading for _, heading in COLUMNS]
     lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
-    for label in sorted(by_row, key=lambda name: (order.get(name, len(order)), name)):
+    for label in sorted(by_row, key=_row_key):
         seeds = by_row[label]
         cells = [
             _mean_std(key, [r[key] for r in seeds.values() if r.get(key) is not None])
@@ -278,31 +282,40 @@ def plot_sweep(
     curves: dict[str, list[dict[str, float]]],
     path: str,
     dataset: str,
-    references: dict[str, float] | None = None,
+    references: dict[str, tuple[float, float]] | None = None,
 ) -> None:
-    """Test perplexity against exit ratio, one line per model, written to ``path``;
-    ``references``: label -> test perplexity of models without early exit, drawn as
-    horizontal dashed lines."""
+    """Two panels written to ``path``, one line per model: test perplexity against the
+    exit ratio (left) and against the FLOPs cost (right). ``references``: label ->
+    (FLOPs cost, test perplexity) of models without early exit, drawn as horizontal
+    dashed lines (left) and single markers (right)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for label, points in curves.items():
-        ax.plot(
-            [100 * p["exit_ratio"] for p in points],
-            [p["ppl"] for p in points],
-            marker="o",
-            label=label,
+    fig, (by_ratio, by_flops) = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for i, (label, points) in enumerate(curves.items()):
+        ppl = [p["ppl"] for p in points]
+        by_ratio.plot([100 * p["exit_ratio"] for p in points], ppl, marker="o", color=f"C{i}")
+        by_flops.plot(
+            [100 * p["flops_cost"] for p in points], ppl, marker="o", color=f"C{i}", label=label
         )
-    for i, (label, ppl) in enumerate((references or {}).items()):
-        ax.axhline(ppl, linestyle="--", color=f"C{len(curves) + i}", label=f"{label}: {ppl:.1f}")
-    ax.set_xlabel("tokens exiting at the exit layer (%), test split")
-    ax.set_ylabel("two-stage test perplexity")
-    ax.set_title(f"Early-exit threshold sweep, {dataset}")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), fontsize="small")
+    for i, (label, (flops, ppl)) in enumerate((references or {}).items(), start=len(curves)):
+        by_ratio.axhline(ppl, linestyle="--", color=f"C{i}")
+        by_flops.plot([100 * flops], [ppl], marker="s", linestyle="none", color=f"C{i}")
+        by_flops.axhline(ppl, linestyle="--", color=f"C{i}", label=f"{label}: {ppl:.1f}")
+    by_ratio.set_xlabel("tokens exiting at the exit layer (%), test split")
+    by_ratio.set_ylabel("two-stage test perplexity")
+    by_flops.set_xlabel("FLOPs, % of the full-depth forward (heads counted)")
+    for ax in (by_ratio, by_flops):
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"Early-exit threshold sweep, {dataset}")
+    fig.legend(
+        loc="upper center",
+        bbox_to_anchor=(0.5, 0.0),
+        ncol=2,
+        fontsize="small",
+    )
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
@@ -328,9 +341,14 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m lego.experiment", description=__doc__.split("\n")[0]
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    tables = sub.add_parser("tables", help="Tables 1 and 2 as markdown, from run JSON files")
+    tables = sub.add_parser("tables", help="Tables 1 to 3 as markdown, from run JSON files")
     tables.add_argument("--table1", default="results/table1", help="default: %(default)s")
     tables.add_argument("--table2", default="results/table2", help="default: %(default)s")
+    tables.add_argument(
+        "--shape2",
+        default="results/shape2",
+        help="Table 3, the second shape's runs (default: %(default)s; left out when absent)",
+    )
     tables.add_argument("--out", help="also write the markdown to this file")
     sw = sub.add_parser("sweep", help="exit ratio against test PPL for saved models")
     sw.add_argument("models", nargs="+", help="files written by python -m lego.train --save-model")
@@ -347,10 +365,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sw.add_argument("--quiet", action="store_true", help="no progress bars")
     plot = sub.add_parser("plot", help="plot the points of sweep JSON files to one PNG")
-    plot.add_argument("sweeps", nargs="+", help="files written by the sweep command")
+    plot.add_argument(
+        "sweeps",
+        nargs="+",
+        help="files written by the sweep command (a model's points may span several)",
+    )
     plot.add_argument("--out", required=True, help="the PNG to write")
     plot.add_argument(
-        "--table2", help="Table 2 runs folder: draw its standard rows' test PPL as references"
+        "--table2", help="runs folder (Table 2's or 3's): draw its standard rows as references"
     )
     return parser
 
@@ -363,6 +385,11 @@ def _tables(args: argparse.Namespace) -> None:
             "Table 2 (honest protocol)",
             table2(load_runs(args.table2)),
         ]
+        + (
+            ["Table 3 (honest protocol, second shape)", table2(load_runs(args.shape2))]
+            if os.path.isdir(args.shape2)
+            else []
+        )
     )
     print(text)
     if args.out:
@@ -404,24 +431,46 @@ def _sweep(args: argparse.Namespace) -> None:
     print(f"points written to {args.json}")
 
 
-def _plot(args: argparse.Namespace) -> None:
-    curves: dict[str, list[dict[str, float]]] = {}
+def load_sweeps(paths: Sequence[str]) -> tuple[dict[str, list[dict[str, Any]]], set[str]]:
+    """The points of sweep files, ``{model label: points by target exit ratio}``, a
+    model's points joined across files, and the datasets they were measured on."""
+    curves: dict[str, dict[float, dict[str, Any]]] = {}
     datasets = set()
-    for path in args.sweeps:
+    for path in paths:
         with open(path) as f:
             report = json.load(f)
         if "models" not in report:
             raise ValueError(f"{path} is not a python -m lego.experiment sweep file")
-        curves |= {label: m["points"] for label, m in report["models"].items()}
-        datasets |= {m["config"]["dataset"] for m in report["models"].values()}
-    references: dict[str, float] = {}
+        for label, model in report["models"].items():
+            points = curves.setdefault(label, {})
+            for point in model["points"]:
+                ratio = point["target_exit_ratio"]
+                if ratio in points:
+                    raise ValueError(
+                        f"{path}: {label} at exit ratio {ratio} is in another sweep file too; "
+                        "keep one of them"
+                    )
+                points[ratio] = point
+            datasets.add(model["config"]["dataset"])
+    return {label: [p[r] for r in sorted(p)] for label, p in curves.items()}, datasets
+
+
+def _plot(args: argparse.Namespace) -> None:
+    curves, datasets = load_sweeps(args.sweeps)
+    references: dict[str, tuple[float, float]] = {}
     if args.table2:
-        ppls: dict[str, list[float]] = {}
+        rows: dict[str, list[dict[str, Any]]] = {}
         for run in load_runs(args.table2):
             for label, row in table2_rows(run).items():
                 if label.startswith("standard") and run["protocol"] == "honest":
-                    ppls.setdefault(label, []).append(row["ppl"])
-        references = {f"{label}, mean": statistics.mean(v) for label, v in sorted(ppls.items())}
+                    rows.setdefault(label, []).append(row)
+        references = {
+            f"{label}, mean": (
+                statistics.mean(r["flops_cost"] for r in found),
+                statistics.mean(r["ppl"] for r in found),
+            )
+            for label, found in sorted(rows.items(), key=lambda item: _row_key(item[0]))
+        }
     plot_sweep(curves, args.out, ", ".join(sorted(datasets)), references)
     print(f"plot written to {args.out}")
 

@@ -19,6 +19,7 @@ from lego.experiment import (
     load_model,
     load_run_corpus,
     load_runs,
+    load_sweeps,
     main,
     sweep,
     table1,
@@ -215,3 +216,66 @@ def test_script_runs_every_step_in_two_copies_and_skips_what_exists(tmp_path):
     assert (tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
     tables = (results / "tables.md").read_text()
     assert "ASHEM, context=routed" in tables and "| metric | draft | seed 0 (cpu) |" in tables
+
+
+def test_script_shape2_step_runs_table3_sweep_and_plot(tmp_path):
+    """The ``shape2`` step: the five rows at 4 -> 8 layers (exit after 4), the sweep of
+    its seed-0 models, its plot, and Table 3 in ``tables`` (tiny width from EXTRA)."""
+    env = {
+        **os.environ,
+        "SHAPE2_SEEDS": "0",
+        "RESULTS": str(tmp_path / "results"),
+        "PLOT2": str(tmp_path / "sweep2.png"),
+        "CKPT": str(tmp_path / "ckpt"),
+        "MODELS": str(tmp_path / "models"),
+        "EXTRA": " ".join([*TINY, "--samples", "48"]),
+        "OMP_NUM_THREADS": "1",
+    }
+    script = [str(ROOT / "experiments" / "ashem_wikitext2.sh"), "shape2", "tables"]
+    done = subprocess.run(["bash", *script], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    results = tmp_path / "results"
+    runs = load_runs(str(results / "shape2"))
+    assert {Path(r["path"]).name for r in runs} == {
+        f"{n}-shape2-seed0.json"
+        for n in ("ashem-propagate", "ashem-routed", "standard-8l", "deep-supervision")
+    }
+    for run in runs:
+        config = run["config"]
+        if run["strategy"] == "ashem":
+            assert (config["phase1_layers"], config["phase2_layers"]) == (4, 8)
+        else:
+            assert config["layers"] == 8
+            if run["strategy"] == "deep-supervision":
+                assert config["exit_layer"] == 4
+    lines = table2(runs).splitlines()
+    assert [line.split(" | ")[0].removeprefix("| ") for line in lines[2:]] == [
+        "standard 4-layer (ASHEM phase 1)",
+        "standard 8-layer",
+        "deep supervision 8-layer, early exit",
+        "ASHEM, context=propagate",
+        "ASHEM, context=routed",
+    ]
+    sweeps = sorted(p.name for p in (results / "shape2-sweep").iterdir())
+    assert sweeps == ["ashem-propagate-shape2-seed0.json", "deep-supervision-shape2-seed0.json"]
+    assert (tmp_path / "sweep2.png").read_bytes()[:4] == b"\x89PNG"
+    tables = (results / "tables.md").read_text()
+    assert "Table 3 (honest protocol, second shape)\n\n" + table2(runs) in tables
+
+
+def test_plot_joins_a_models_points_from_several_files_and_refuses_repeats(runs, tmp_path):
+    model = str(runs / "deep.pt")
+    low, high, png = tmp_path / "low.json", tmp_path / "high.json", tmp_path / "p.png"
+    assert main(["sweep", model, "--exit-ratios", "0.2", "--json", str(low), "--quiet"]) == 0
+    assert main(["sweep", model, "--exit-ratios", "0.8", "--json", str(high), "--quiet"]) == 0
+    curves, datasets = load_sweeps([str(high), str(low)])
+    assert datasets == {"synthetic"}
+    (points,) = curves.values()
+    assert [p["target_exit_ratio"] for p in points] == [0.2, 0.8]
+    assert main(["plot", str(high), str(low), "--out", str(png)]) == 0
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    again = tmp_path / "again.json"
+    assert main(["sweep", model, "--exit-ratios", "0.8", "--json", str(again), "--quiet"]) == 0
+    with pytest.raises(ValueError, match=r"again\.json: .* at exit ratio 0\.8 is in another"):
+        load_sweeps([str(low), str(high), str(again)])
+    assert main(["plot", str(low), str(high), str(again), "--out", str(png)]) == 2
