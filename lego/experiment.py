@@ -178,7 +178,7 @@ def table2_rows(run: dict[str, Any]) -> dict[str, dict[str, float | None]]:
 def _mean_std(key: str, values: list[float]) -> str:
     if not values:
         return "-"
-    if len(values) == 1:
+    if len(set(values)) == 1:  # one seed, or a cost fixed by the configuration
         return _cell(key, values[0])
     mean, std = statistics.mean(values), statistics.stdev(values)
     if key in PERCENT:
