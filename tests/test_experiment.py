@@ -184,19 +184,24 @@ def test_cli_bad_input_names_the_problem(tmp_path, capsys):
     assert "x.json" in capsys.readouterr().err  # no such file
 
 
-def test_script_runs_every_step_in_two_copies_and_skips_what_exists(tmp_path):
-    """``experiments/ashem_wikitext2.sh`` on a tiny synthetic corpus: two copies at once
-    share the runs (locks), then a third pass finds every result and skips it."""
-    env = {
+def _script_env(tmp_path: Path, **settings: str) -> dict[str, str]:
+    """The environment of ``experiments/ashem_wikitext2.sh`` on a tiny synthetic corpus,
+    every output under ``tmp_path``."""
+    return {
         **os.environ,
-        "SEEDS": "0",
         "RESULTS": str(tmp_path / "results"),
-        "PLOT": str(tmp_path / "sweep.png"),
         "CKPT": str(tmp_path / "ckpt"),
         "MODELS": str(tmp_path / "models"),
         "EXTRA": " ".join([*TINY, "--samples", "48"]),
         "OMP_NUM_THREADS": "1",
+        **settings,
     }
+
+
+def test_script_runs_every_step_in_two_copies_and_skips_what_exists(tmp_path):
+    """``experiments/ashem_wikitext2.sh`` on a tiny synthetic corpus: two copies at once
+    share the runs (locks), then a third pass finds every result and skips it."""
+    env = _script_env(tmp_path, SEEDS="0", PLOT=str(tmp_path / "sweep.png"))
     script = [str(ROOT / "experiments" / "ashem_wikitext2.sh"), "table1", "table2"]
     copies = [
         subprocess.Popen(["bash", *script], env=env, stdout=subprocess.PIPE, text=True)
@@ -222,16 +227,7 @@ def test_script_runs_every_step_in_two_copies_and_skips_what_exists(tmp_path):
 def test_script_shape2_step_runs_table3_sweep_and_plot(tmp_path):
     """The ``shape2`` step: the five rows at 4 -> 8 layers (exit after 4), the sweep of
     its seed-0 models, its plot, and Table 3 in ``tables`` (tiny width from EXTRA)."""
-    env = {
-        **os.environ,
-        "SHAPE2_SEEDS": "0",
-        "RESULTS": str(tmp_path / "results"),
-        "PLOT2": str(tmp_path / "sweep2.png"),
-        "CKPT": str(tmp_path / "ckpt"),
-        "MODELS": str(tmp_path / "models"),
-        "EXTRA": " ".join([*TINY, "--samples", "48"]),
-        "OMP_NUM_THREADS": "1",
-    }
+    env = _script_env(tmp_path, SHAPE2_SEEDS="0", PLOT2=str(tmp_path / "sweep2.png"))
     script = [str(ROOT / "experiments" / "ashem_wikitext2.sh"), "shape2", "tables"]
     done = subprocess.run(["bash", *script], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
