@@ -21,8 +21,9 @@ saved models (``--save-model``):
   come from several sweep files).
 
 Costs (``layer_cost``, ``flops_cost``) are relative to the full-depth forward of the
-deep model (4 layers in the draft's shape, 8 in the second); the wall-clock column divides two-stage
-inference by the full-depth forward of the same model on the same batches.
+deep model (4 layers in the draft's shape, 8 in the second); the wall-clock column
+divides two-stage inference by the full-depth forward of the same model on the same
+batches.
 """
 
 from __future__ import annotations
