@@ -10,7 +10,9 @@
 # second shape, dim 512, 8 layers, exit after 4; seeds from SHAPE2_SEEDS, default "0";
 # its runs, then its sweep and plot), tables (default: all but shape2, which needs hours
 # of CPU per run). EPOCHS (default 1) is the epoch budget of each run of Tables 2 and 3
-# on the full training split.
+# on the full training split; SHAPE2_SAMPLES (default 0 = all) keeps only that many
+# training windows in Table 3's runs (a smaller budget for a CPU); SWEEP_RATIOS (default:
+# lego.experiment's) are the exit ratios of the sweeps, comma-separated.
 # Several copies may run at once (e.g. two with OMP_NUM_THREADS=1 on two cores): a run
 # in progress is locked by its process, the others move on to the next run.
 set -euo pipefail
@@ -20,6 +22,8 @@ SEEDS=${SEEDS:-"0 1 2"}
 EPOCHS=${EPOCHS:-1}
 RESULTS=${RESULTS:-results}
 SHAPE2_SEEDS=${SHAPE2_SEEDS:-"0"}
+SHAPE2_SAMPLES=${SHAPE2_SAMPLES:-0}
+SWEEP_RATIOS=${SWEEP_RATIOS:-}
 PLOT=${PLOT:-docs/threshold-sweep.png}
 PLOT2=${PLOT2:-docs/threshold-sweep-shape2.png}
 CKPT=${CKPT:-runs/checkpoints}
@@ -95,7 +99,8 @@ table2() {  # honest protocol, full training split, test-split numbers; the draf
 
 shape2() {  # Table 3: Table 2's rows where the layers cost more than the head
     for seed in $SHAPE2_SEEDS; do
-        honest "$RESULTS/shape2" -shape2 4 8 "$seed" --dim 512 --heads 8
+        honest "$RESULTS/shape2" -shape2 4 8 "$seed" --dim 512 --heads 8 \
+            --samples "$SHAPE2_SAMPLES"
     done
     sweep_models "$RESULTS/shape2-sweep" ashem-propagate-shape2-seed0 deep-supervision-shape2-seed0
     python -m lego.experiment plot "$RESULTS"/shape2-sweep/*.json --table2 "$RESULTS/shape2" \
@@ -110,7 +115,8 @@ sweep_models() {  # sweep_models DIR NAME...: sweep each saved model into DIR/NA
             echo "== sweep $name: exists, skipped"
         elif claim "sweep-$name"; then
             echo "== sweep $name ($(date -u +%FT%TZ))"
-            python -m lego.experiment sweep "$MODELS/$name.pt" --quiet --json "$dir/$name.json"
+            python -m lego.experiment sweep "$MODELS/$name.pt" --quiet --json "$dir/$name.json" \
+                ${SWEEP_RATIOS:+--exit-ratios "$SWEEP_RATIOS"}
             rm -rf "$CKPT/sweep-$name.lock"
         fi
     done
