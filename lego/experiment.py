@@ -378,20 +378,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def training_budget(runs: Sequence[dict[str, Any]]) -> str:
+    """The training the honest-protocol runs had, e.g. ``"full training split, at most 1
+    epoch per run (ASHEM: per phase), on cpu"`` (each distinct budget named once)."""
+    honest = [run for run in runs if run["protocol"] == "honest"]
+    budgets = sorted({(run["config"]["samples"], run["config"]["epochs"]) for run in honest})
+    parts = [
+        ("full training split" if samples == 0 else f"{samples:,} training windows")
+        + f", at most {epochs} epoch{'' if epochs == 1 else 's'} per run (ASHEM: per phase)"
+        for samples, epochs in budgets
+    ]
+    devices = ", ".join(sorted({run["device"] for run in honest}))
+    return "; ".join(parts) + f", on {devices}" if honest else "no honest-protocol run"
+
+
 def _tables(args: argparse.Namespace) -> None:
-    text = "\n\n".join(
-        [
-            "Table 1 (draft protocol)",
-            table1(load_runs(args.table1)),
-            "Table 2 (honest protocol)",
-            table2(load_runs(args.table2)),
+    table2_runs = load_runs(args.table2)
+    sections = [
+        "Table 1 (draft protocol)",
+        table1(load_runs(args.table1)),
+        f"Table 2 (honest protocol; {training_budget(table2_runs)})",
+        table2(table2_runs),
+    ]
+    if os.path.isdir(args.shape2):
+        shape2_runs = load_runs(args.shape2)
+        sections += [
+            f"Table 3 (honest protocol, second shape; {training_budget(shape2_runs)})",
+            table2(shape2_runs),
         ]
-        + (
-            ["Table 3 (honest protocol, second shape)", table2(load_runs(args.shape2))]
-            if os.path.isdir(args.shape2)
-            else []
-        )
-    )
+    text = "\n\n".join(sections)
     print(text)
     if args.out:
         with open(args.out, "w") as f:

@@ -228,6 +228,9 @@ def test_script_shape2_step_runs_table3_sweep_and_plot(tmp_path):
     """The ``shape2`` step: the five rows at 4 -> 8 layers (exit after 4), the sweep of
     its seed-0 models, its plot, and Table 3 in ``tables`` (tiny width from EXTRA)."""
     env = _script_env(tmp_path, SHAPE2_SEEDS="0", PLOT2=str(tmp_path / "sweep2.png"))
+    # Table 3's own budget and sweep ratios (EXTRA without its --samples, which would win).
+    assert TINY[2:4] == ["--samples", "48"]
+    env.update(EXTRA=" ".join(TINY[:2] + TINY[4:]), SHAPE2_SAMPLES="40", SWEEP_RATIOS="0.25,0.75")
     script = [str(ROOT / "experiments" / "ashem_wikitext2.sh"), "shape2", "tables"]
     done = subprocess.run(["bash", *script], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
@@ -239,6 +242,7 @@ def test_script_shape2_step_runs_table3_sweep_and_plot(tmp_path):
     }
     for run in runs:
         config = run["config"]
+        assert config["samples"] == 40
         if run["strategy"] == "ashem":
             assert (config["phase1_layers"], config["phase2_layers"]) == (4, 8)
         else:
@@ -253,11 +257,18 @@ def test_script_shape2_step_runs_table3_sweep_and_plot(tmp_path):
         "ASHEM, context=propagate",
         "ASHEM, context=routed",
     ]
-    sweeps = sorted(p.name for p in (results / "shape2-sweep").iterdir())
-    assert sweeps == ["ashem-propagate-shape2-seed0.json", "deep-supervision-shape2-seed0.json"]
+    sweeps = sorted((results / "shape2-sweep").iterdir())
+    assert [p.name for p in sweeps] == [
+        "ashem-propagate-shape2-seed0.json",
+        "deep-supervision-shape2-seed0.json",
+    ]
+    for path in sweeps:
+        (model,) = json.loads(path.read_text())["models"].values()
+        assert [p["target_exit_ratio"] for p in model["points"]] == [0.25, 0.75]
     assert (tmp_path / "sweep2.png").read_bytes()[:4] == b"\x89PNG"
     tables = (results / "tables.md").read_text()
-    assert "Table 3 (honest protocol, second shape)\n\n" + table2(runs) in tables
+    budget = "40 training windows, at most 1 epoch per run (ASHEM: per phase), on cpu"
+    assert f"Table 3 (honest protocol, second shape; {budget})\n\n" + table2(runs) in tables
 
 
 def test_plot_joins_a_models_points_from_several_files_and_refuses_repeats(runs, tmp_path):
