@@ -160,6 +160,13 @@ class Block(nn.Module):
         self.up = nn.Linear(dim, hidden, bias=False)
         self.down = nn.Linear(hidden, dim, bias=False)
 
+    def attn_input(self, h: Tensor) -> Tensor:
+        """What the attention projections read from the states ``h [..., D]``: ``attn_norm(h)``.
+
+        Every path (dense, hard tokens, cached decoding) goes through this and ``finish``,
+        so a variant of the block changes these two only."""
+        return self.attn_norm(h)
+
     def project(self, linear: nn.Linear, x: Tensor, positions: Tensor | None = None) -> Tensor:
         """``linear(x)`` split into heads ``[..., H, hd]``, rotated at ``positions`` if given."""
         y = linear(x).unflatten(-1, (self.num_heads, -1))
@@ -174,7 +181,7 @@ class Block(nn.Module):
     def forward(self, h: Tensor) -> Tensor:
         """``h [B, T, D] -> [B, T, D]``, causal attention over all positions."""
         positions = torch.arange(h.shape[1], device=h.device)
-        x = self.attn_norm(h)
+        x = self.attn_input(h)
         q = self.project(self.wq, x, positions)
         k = self.project(self.wk, x, positions)
         v = self.project(self.wv, x)
@@ -188,7 +195,7 @@ class Block(nn.Module):
         keys and values. ``None`` (``"routed"``): keys and values from ``h`` only.
         """
         if context is None:
-            x = self.attn_norm(h)
+            x = self.attn_input(h)
             q = layout.pad(self.project(self.wq, x, layout.positions))
             k = layout.pad(self.project(self.wk, x, layout.positions))
             v = layout.pad(self.project(self.wv, x))
@@ -196,7 +203,7 @@ class Block(nn.Module):
             # slots keeps them out of every real query.
             attn = attention(q, k, v, is_causal=True)
         else:
-            xc = self.attn_norm(context)
+            xc = self.attn_input(context)
             positions = torch.arange(layout.seq_len, device=xc.device)
             k = self.project(self.wk, xc, positions)
             v = self.project(self.wv, xc)
