@@ -41,7 +41,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -558,46 +558,15 @@ class LegoModel(nn.Module):
 
     # ------------------------------------------------------------------ generation
 
-    def generate(
-        self,
-        ids: Tensor,
-        *,
-        max_new_tokens: int,
-        mode: str = "full",
-        exit_layer: int | None = None,
-        threshold: float | None = None,
-        measure: str = "max_prob",
-        context: str = "propagate",
-        draft_tokens: int = 4,
-        temperature: float = 0.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        eos_id: int | None = None,
-        attention_mask: Tensor | None = None,
-        generator: torch.Generator | None = None,
-    ) -> GenerationOutput:
-        """Continue the prompts ``ids`` int64 ``[B, T]`` with a KV cache, in ``mode``
-        ``"full"``, ``"early-exit"`` or ``"self-speculative"``: ``lego.generation.generate``
-        (which documents the arguments)."""
+    def generate(self, ids: Tensor, **settings: Any) -> GenerationOutput:
+        """Continue the prompts ``ids`` int64 ``[B, T]`` with a KV cache:
+        ``lego.generation.generate(self, ids, **settings)``, whose keywords are
+        ``max_new_tokens``, ``mode`` (``"full"``, ``"early-exit"``, ``"self-speculative"``),
+        ``exit_layer``, ``threshold``, ``measure``, ``context``, ``draft_tokens``,
+        ``temperature``, ``top_k``, ``top_p``, ``eos_id``, ``attention_mask``, ``generator``."""
         from lego.generation import generate  # lego.generation builds on this module
 
-        return generate(
-            self,
-            ids,
-            max_new_tokens=max_new_tokens,
-            mode=mode,
-            exit_layer=exit_layer,
-            threshold=threshold,
-            measure=measure,
-            context=context,
-            draft_tokens=draft_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            eos_id=eos_id,
-            attention_mask=attention_mask,
-            generator=generator,
-        )
+        return generate(self, ids, **settings)
 
     # ------------------------------------------------------------------ growth and freezing
 
