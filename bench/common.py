@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import importlib.metadata
+import os
 import platform
 import subprocess
 import time
@@ -276,6 +277,22 @@ def _nvidia_driver() -> str:
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return out.stdout.strip().splitlines()[0] if out.stdout.strip() else "unknown"
+
+
+def git_commit() -> dict[str, object]:
+    """``{"commit": short sha, "dirty": uncommitted changes?}`` of this checkout
+    (``"unknown"`` outside a git checkout)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=root, capture_output=True, text=True, check=True, timeout=20
+        ).stdout.strip()
+
+    try:
+        return {"commit": git("rev-parse", "--short", "HEAD"), "dirty": bool(git("status", "-s"))}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": "unknown", "dirty": None}
 
 
 def machine_info(device: str) -> dict[str, str]:

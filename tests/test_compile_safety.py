@@ -10,7 +10,8 @@
   several stages) compile with ``fullgraph=True`` under inductor and equal eager;
   ``early_exit(capacity=K)`` compiles with ``fullgraph=True`` and equals eager;
 - data-dependent checks inside compiled code raise (out-of-range ids and targets), never a
-  silently wrong loss;
+  silently wrong loss; ``torch.export`` of a module calling the loss and the confidence
+  runs, equals eager and keeps the target check;
 - ``early_exit(capacity=K)`` and a compiled training step make no host synchronization;
 - on CUDA (skipped without one): the same counts, and a CUDA-graph capture and replay of
   ``early_exit(capacity=K)`` equal to eager.
@@ -194,6 +195,30 @@ def test_compiled_target_check_raises_instead_of_a_wrong_loss(backend):
             fn(x, torch.where(t == t[0, 0], bad, t))
     ignored = torch.where(t == t[0, 0], -100, t)  # ignore_index passes
     assert rel_err(fn(x, ignored), ops.norm_head_cross_entropy(x, w, ignored, nw)) < F32_TOL
+
+
+class ExitModule(torch.nn.Module):
+    """A small module whose forward calls the fused loss and the exit confidence."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = torch.nn.RMSNorm(D)
+        self.head = torch.nn.Linear(D, V, bias=False)
+
+    def forward(self, x: torch.Tensor, targets: torch.Tensor) -> list[torch.Tensor]:
+        weight, norm_weight = self.head.weight, self.norm.weight
+        loss = ops.norm_head_cross_entropy(x, weight, targets, norm_weight)
+        conf = ops.exit_confidence(x, weight, norm_weight, measure="margin")
+        return [loss, conf.confidence, conf.prediction]
+
+
+def test_torch_export_runs_and_keeps_the_target_check():
+    module, (x, _, _, t) = ExitModule(), op_inputs()
+    x = x.detach()
+    program = torch.export.export(module, (x, t))
+    assert_same(program.module()(x, t), module(x, t))
+    with pytest.raises(RuntimeError, match=r"targets must lie in \[0, 61\)"):
+        program.module()(x, torch.where(t == t[0, 0], V, t))
 
 
 # ----------------------------------------------------------------------------- LegoModel
