@@ -42,6 +42,7 @@ import torch
 from torch import Tensor
 
 from bench.common import git_commit, machine_info
+from bench.early_exit_cpu import make_model
 from lego import LegoModel, ModelConfig, StageConfig, TrainingConfig
 from lego.trainer import Trainer
 from lego_kernels import ops
@@ -113,15 +114,7 @@ def train_workloads(seed: int) -> list[Workload]:
 
 def early_exit_workload(args: argparse.Namespace) -> Workload:
     """Two-stage inference at the layer-dominated shape, with and without capacity."""
-    torch.manual_seed(args.seed)
-    config = ModelConfig(
-        vocab_size=args.vocab,
-        dim=args.dim,
-        num_layers=args.layers,
-        num_heads=args.heads,
-        max_seq_len=args.seq_len,
-    )
-    model = LegoModel(config).eval()
+    model = make_model(args, torch.device("cpu"))
     ids = torch.randint(0, args.vocab, (args.batch, args.seq_len))
     targets = torch.randint(0, args.vocab, (args.batch, args.seq_len))
     with torch.no_grad():
@@ -200,7 +193,7 @@ def to_markdown(meta: dict, rows: Sequence[Row]) -> str:
     lines = [
         "# torch.compile against eager PyTorch on the CPU",
         "",
-        f"`python -m bench.compile {' '.join(meta['argv'])}`: commit {meta['commit']}"
+        f"`{' '.join(['python -m bench.compile', *meta['argv']])}`: commit {meta['commit']}"
         f"{' (uncommitted changes)' if meta['dirty'] else ''}, {m['date']}, {m['card']}, "
         f"{meta['cpu_count']} cores, {meta['threads']} thread(s), load average (1 min) "
         f"{meta['load_before']:.1f} before and {meta['load_after']:.1f} after, torch "

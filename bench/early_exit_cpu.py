@@ -47,11 +47,9 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-@torch.no_grad()
-def main() -> None:
-    args = parse_args()
+def make_model(args: argparse.Namespace, device: torch.device) -> LegoModel:
+    """The random-initialized model of the shape flags (seeded by ``--seed``), in eval mode."""
     torch.manual_seed(args.seed)
-    device = torch.device(args.device)
     config = ModelConfig(
         vocab_size=args.vocab,
         dim=args.dim,
@@ -59,7 +57,14 @@ def main() -> None:
         num_heads=args.heads,
         max_seq_len=args.seq_len,
     )
-    model = LegoModel(config).to(device).eval()
+    return LegoModel(config).to(device).eval()
+
+
+@torch.no_grad()
+def main() -> None:
+    args = parse_args()
+    device = torch.device(args.device)
+    model = make_model(args, device)
     ids = torch.randint(0, args.vocab, (args.batch, args.seq_len), device=device)
     print(
         f"device {device} (ops backend {ops.backend(ids.float())}, "
