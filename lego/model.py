@@ -542,7 +542,7 @@ class LegoModel(nn.Module):
         run ``capacity`` rows. Every shape is then static and the call makes no host
         synchronization, so it can be captured in a CUDA graph (``stats`` then holds
         device tensors, see ``EarlyExitStats``). ``None``: room for every hard token
-        (the count is read on the host once).
+        (the host reads their number and the padding width).
         """
         self._check_ids("ids", ids)
         if isinstance(exit_layer, bool) or not isinstance(exit_layer, int):

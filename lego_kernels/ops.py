@@ -55,11 +55,12 @@ def _triton_built_for_gpu() -> bool:
     """Whether ``triton`` was already imported, with its own ``@triton.jit`` helpers
     (``tl.zeros``, ``tl.cdiv``, ...) built for the GPU rather than for the interpreter:
     Triton decides that when it is imported, from ``TRITON_INTERPRET``."""
-    if "triton" not in sys.modules:
+    standard = sys.modules.get("triton.language.standard")
+    if standard is None:  # triton not imported yet: it will read the variable as ops did
         return False
     from triton.runtime.jit import JITFunction
 
-    return isinstance(getattr(sys.modules["triton"].language.standard, "zeros", None), JITFunction)
+    return isinstance(getattr(standard, "zeros", None), JITFunction)
 
 
 # Set before Triton was imported? Triton's helpers then run in the interpreter too.
