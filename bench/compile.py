@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 from bench.common import git_commit, machine_info
-from bench.early_exit_cpu import make_model
+from bench.early_exit_cpu import add_shape_args, make_model
 from lego import LegoModel, ModelConfig, StageConfig, TrainingConfig
 from lego.trainer import Trainer
 from lego_kernels import ops
@@ -232,15 +232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workloads", default=",".join(WORKLOADS))
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--dim", type=int, default=1024)
-    parser.add_argument("--heads", type=int, default=16)
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--exit-layer", type=int, default=4)
-    parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--exit-ratio", type=float, default=0.7)
+    add_shape_args(parser, batch=2, seq_len=256)  # early_exit's shape
     parser.add_argument("--capacity-ratio", type=float, default=0.35)
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "cpu"))
     args = parser.parse_args(argv)

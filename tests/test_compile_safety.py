@@ -297,7 +297,7 @@ def test_early_exit_with_capacity_makes_no_host_synchronization(context):
 
 
 def test_early_exit_with_capacity_compiles_fullgraph():
-    model = small_model(4)
+    model = small_model(3)
     ids, targets = torch.randint(0, V, (3, T)), torch.randint(0, V, (3, T))
 
     def call(ids, targets):
