@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import importlib.metadata
+import os
 import platform
 import subprocess
 import time
@@ -278,22 +279,20 @@ def _nvidia_driver() -> str:
     return out.stdout.strip().splitlines()[0] if out.stdout.strip() else "unknown"
 
 
-def repository_state() -> dict[str, object]:
-    """``{"commit": short sha, "dirty": uncommitted changes?}`` of the checkout (``unknown``
-    outside git)."""
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+def git_commit() -> dict[str, object]:
+    """``{"commit": short sha, "dirty": uncommitted changes?}`` of this checkout
+    (``"unknown"`` outside a git checkout)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=root, capture_output=True, text=True, check=True, timeout=20
         ).stdout.strip()
-        status = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
+
+    try:
+        return {"commit": git("rev-parse", "--short", "HEAD"), "dirty": bool(git("status", "-s"))}
     except (OSError, subprocess.SubprocessError):
         return {"commit": "unknown", "dirty": None}
-    return {"commit": commit, "dirty": bool(status.strip())}
 
 
 def machine_info(device: str) -> dict[str, str]:

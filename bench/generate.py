@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from bench.common import machine_info, repository_state
+from bench.common import git_commit, machine_info
 from bench.compare import card_slug
 from lego.ashem import confidence_threshold
 from lego.experiment import load_run_corpus
@@ -259,7 +259,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     out = args.out or os.path.join("bench", "results", card_slug(args.device))
     results: dict[str, Any] = {
-        **repository_state(),
+        **git_commit(),
         "machine": machine_info(args.device),
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
