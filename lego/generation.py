@@ -268,12 +268,12 @@ class Decoder:
 
     def run_hard(
         self, h: Tensor, plan: ops.RoutePlan, step: Pass, exit_layer: int, context: str
-    ) -> tuple[Tensor, HardLayout]:
+    ) -> Tensor:
         """The layers after ``exit_layer`` on the hard tokens of ``plan`` (``K >= 1``).
 
         ``h [B, n, D]``: every new token's exit-layer state. Returns the hard tokens'
-        states after the last layer ``[K, D]`` and their layout (``layout.batch`` and
-        ``layout.positions``: each one's row and index among the new tokens). Queries,
+        states after the last layer ``[K, D]`` (token ``plan.indices[k] = b * n + i`` is
+        the ``i``-th new token of row ``b``). Queries,
         attention output and FFN run on the hard rows; keys/values of the new tokens come
         from every one of them (``"propagate"``: exited tokens from ``h``) or from the
         hard ones only (``"routed"``, which also marks their columns in ``cache.deep``).
@@ -282,8 +282,8 @@ class Decoder:
         batch, n, _ = h.shape
         # HardLayout's own key mask covers one sequence of n tokens; the cache's is built here.
         layout = HardLayout.build(plan, batch, n, "routed")
-        rows, cols = layout.batch, step.cols[layout.batch, layout.positions]
-        positions = step.positions[layout.batch, layout.positions]
+        rows = plan.indices // n
+        cols, positions = step.cols[rows, layout.positions], step.positions[rows, layout.positions]
         key_ok = cache.real(step.width)
         if context == "routed":
             cache.deep[cache.rows, step.cols] = False
@@ -308,7 +308,7 @@ class Decoder:
         kv_tokens = batch * n if context == "propagate" else num_hard
         deep_layer = model._layer_flops(num_hard, kv_tokens, batch * layout.width * step.width)
         self.flops += (model.config.num_layers - exit_layer) * deep_layer
-        return hard, layout
+        return hard
 
     def next_token(self, h: Tensor, exit_layer: int, sampler: Sampler) -> Tensor:
         """The token each row of ``h [R, D]`` emits at the exit after ``exit_layer``:
@@ -438,9 +438,9 @@ def _early_exit_pass(
     exited = confidence[:, -1] >= threshold
     rows, final = exited.new_zeros(0, dtype=torch.int64), h.new_zeros(0, h.shape[-1])
     if plan.indices.numel() > 0:
-        hard, layout = dec.run_hard(h, plan, step, exit_layer, context)
-        last = layout.positions == n - 1
-        rows, final = layout.batch[last], hard[last]
+        hard = dec.run_hard(h, plan, step, exit_layer, context)
+        last = plan.indices % n == n - 1
+        rows, final = plan.indices[last] // n, hard[last]
     dec.cache.length += n
     last_exit = h[:, -1]
     if sampler.greedy:
