@@ -14,12 +14,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from lego.data import TEXT_KEY, UNK
+from lego.data import DATA_DIR_ENV, TEXT_KEY, UNK
 from lego.generate import load_generation_model, main
 from lego.train import main as train_main
 from lego_kernels import ops
 
 ROOT = Path(__file__).resolve().parent.parent
+DATA_DIR = os.environ.get(DATA_DIR_ENV)
+needs_wikitext = pytest.mark.skipif(
+    DATA_DIR is None or not os.path.isdir(DATA_DIR), reason="WikiText-2 copy not found"
+)
 TINY_RUN = ["--seq-len", "12", "--dim", "16", "--heads", "2", "--epochs", "1"]
 TINY_RUN += ["--batch-size", "4", "--quiet", "--strategy", "deep-supervision"]
 TINY_RUN += ["--layers", "3", "--exit-layer", "1"]
@@ -92,6 +96,7 @@ def test_early_exit_takes_the_files_threshold_and_samples_reproducibly(synthetic
     assert 0 <= outs[0]["stats"]["early-exit"]["exit_ratio"] <= 1
 
 
+@needs_wikitext
 def test_wikitext_words_and_unknown_words(wikitext_model, tmp_path, capsys):
     model, codec, _ = load_generation_model(str(wikitext_model))
     assert codec.variant == "seed" and len(codec.vocab) == model.config.vocab_size
@@ -105,6 +110,7 @@ def test_wikitext_words_and_unknown_words(wikitext_model, tmp_path, capsys):
     assert json.loads(out.read_text())["continuations"] == [codec.decode(want)]
 
 
+@needs_wikitext
 def test_old_model_file_gets_an_error_and_can_be_resaved(wikitext_model, tmp_path, capsys):
     old = tmp_path / "old.pt"
     saved = torch.load(wikitext_model, weights_only=False)
