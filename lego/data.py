@@ -147,6 +147,27 @@ def read_wikitext2_lines(data_dir: str | None = None) -> dict[str, list[str]]:
     return {split: list(hub[HUB_SPLITS[split]]["text"]) for split in SPLITS}
 
 
+def _vocabulary_index(words: dict[str, list[str]], variant: str) -> dict[str, int]:
+    """Word -> id, in order of first appearance in the vocabulary splits, ``<unk>`` last."""
+    vocab_splits = ("train", "valid") if variant == "seed" else ("train",)
+    index: dict[str, int] = {}
+    for split in vocab_splits:
+        for w in words[split]:
+            index.setdefault(w, len(index))
+    index.setdefault(UNK, len(index))
+    return index
+
+
+def wikitext2_vocab(*, data_dir: str | None = None, variant: str = "standard") -> tuple[str, ...]:
+    """The vocabulary of ``load_wikitext2(..., variant=variant)`` (it does not depend on
+    ``seq_len`` or ``samples``), without building the windows."""
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    lines = read_wikitext2_lines(data_dir)
+    words = {s: _words(lines[s], variant) for s in ("train", "valid")}
+    return tuple(_vocabulary_index(words, variant))
+
+
 def load_wikitext2(
     seq_len: int,
     *,
@@ -167,12 +188,7 @@ def load_wikitext2(
     if samples is not None and samples < 1:
         raise ValueError(f"samples must be at least 1 (or None for all windows), got {samples}")
     words = {s: _words(lines, variant) for s, lines in read_wikitext2_lines(data_dir).items()}
-    vocab_splits = ("train", "valid") if variant == "seed" else ("train",)
-    index: dict[str, int] = {}
-    for split in vocab_splits:
-        for w in words[split]:
-            index.setdefault(w, len(index))
-    index.setdefault(UNK, len(index))
+    index = _vocabulary_index(words, variant)
     unk = index[UNK]
     windows = {
         s: make_windows(torch.tensor([index.get(w, unk) for w in words[s]]), seq_len)
@@ -222,5 +238,66 @@ def synthetic_corpus(
             stream.append(r if prev < num_hard else successor[prev])
         windows[split] = make_windows(torch.tensor(stream), seq_len)
         hard[split] = windows[split][:, :-1] < num_hard
-    vocab = tuple(f"t{i}" for i in range(vocab_size))
-    return Corpus(name="synthetic", vocab=vocab, hard=hard, **windows)
+    return Corpus(name="synthetic", vocab=synthetic_vocab(vocab_size), hard=hard, **windows)
+
+
+def synthetic_vocab(vocab_size: int) -> tuple[str, ...]:
+    """The words of ``synthetic_corpus(..., vocab_size=vocab_size)``: ``t0, t1, ...``."""
+    return tuple(f"t{i}" for i in range(vocab_size))
+
+
+# ----------------------------------------------------------------------------- text <-> ids
+
+TEXT_KEY = "text"  # where ``python -m lego.train --save-model`` stores a TextCodec's state
+
+
+@dataclass(frozen=True)
+class TextCodec:
+    """How a trained model's text becomes token ids and back.
+
+    ``vocab``: the corpus's words, id = position; ``variant``: its tokenization
+    (``"standard"``: split on whitespace; ``"seed"``: lowercase first, see the module
+    docstring). A prompt is one line of text: no ``<eos>`` is appended to it.
+    """
+
+    vocab: tuple[str, ...]
+    variant: str
+
+    def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
+        object.__setattr__(self, "vocab", tuple(self.vocab))
+
+    def encode(self, text: str) -> tuple[list[int], list[str]]:
+        """``(ids, unknown)``: the ids of the words of ``text``, words outside the
+        vocabulary mapped to ``<unk>`` (or dropped if it has none) and listed in ``unknown``."""
+        index = {w: i for i, w in enumerate(self.vocab)}
+        words = (text.lower() if self.variant == "seed" else text).split()
+        unknown = [w for w in words if w not in index]
+        unk = index.get(UNK)
+        ids = [index.get(w, unk) for w in words]
+        return [i for i in ids if i is not None], unknown
+
+    def decode(self, ids: list[int]) -> str:
+        """The words of ``ids`` joined by spaces."""
+        return " ".join(self.vocab[i] for i in ids)
+
+    def state(self) -> dict[str, object]:
+        """A plain dict (what a model file stores); ``TextCodec(**state)`` rebuilds it."""
+        return {"vocab": list(self.vocab), "variant": self.variant}
+
+
+def run_text_codec(config: dict) -> TextCodec:
+    """The TextCodec of the corpus that a ``python -m lego.train`` run used, from the run's
+    JSON ``config`` (``dataset``, ``protocol``, ``data_dir``, ``vocab_size``)."""
+    if config["dataset"] == "synthetic":
+        return TextCodec(synthetic_vocab(config["vocab_size"]), "standard")
+    variant = "seed" if config["protocol"] == "seed" else "standard"
+    vocab = wikitext2_vocab(data_dir=config["data_dir"], variant=variant)
+    if len(vocab) != config["vocab_size"]:
+        raise ValueError(
+            f"the WikiText-2 found now has {len(vocab)} words, the run's model "
+            f"{config['vocab_size']}; point --data-dir / LEGO_DATA_DIR at the copy it was "
+            "trained on"
+        )
+    return TextCodec(vocab, variant)

@@ -41,7 +41,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +49,9 @@ from torch import Tensor, nn
 
 from lego.config import ModelConfig
 from lego_kernels import ops
+
+if TYPE_CHECKING:
+    from lego.generation import GenerationOutput
 
 CONTEXTS = ("propagate", "routed")
 NORM_FLOPS_PER_ELEMENT = 4  # analytic FLOP convention for a norm (see LegoModel.flops)
@@ -552,6 +555,49 @@ class LegoModel(nn.Module):
         )
         exited = conf.confidence >= threshold
         return EarlyExitOutput(prediction, conf.confidence, exited, nll, stats)
+
+    # ------------------------------------------------------------------ generation
+
+    def generate(
+        self,
+        ids: Tensor,
+        *,
+        max_new_tokens: int,
+        mode: str = "full",
+        exit_layer: int | None = None,
+        threshold: float | None = None,
+        measure: str = "max_prob",
+        context: str = "propagate",
+        draft_tokens: int = 4,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_id: int | None = None,
+        attention_mask: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> GenerationOutput:
+        """Continue the prompts ``ids`` int64 ``[B, T]`` with a KV cache, in ``mode``
+        ``"full"``, ``"early-exit"`` or ``"self-speculative"``: ``lego.generation.generate``
+        (which documents the arguments)."""
+        from lego.generation import generate  # lego.generation builds on this module
+
+        return generate(
+            self,
+            ids,
+            max_new_tokens=max_new_tokens,
+            mode=mode,
+            exit_layer=exit_layer,
+            threshold=threshold,
+            measure=measure,
+            context=context,
+            draft_tokens=draft_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            eos_id=eos_id,
+            attention_mask=attention_mask,
+            generator=generator,
+        )
 
     # ------------------------------------------------------------------ growth and freezing
 

@@ -35,7 +35,7 @@ from lego import distributed
 from lego.ashem import PROTOCOLS, confidence_threshold, run_ashem
 from lego.checkpoint import Checkpointer, save_atomic
 from lego.config import ASHEMConfig, ModelConfig, StageConfig, TrainingConfig
-from lego.data import Corpus, load_wikitext2, synthetic_corpus
+from lego.data import TEXT_KEY, Corpus, load_wikitext2, run_text_codec, synthetic_corpus
 from lego.model import CONTEXTS, LegoModel
 from lego.trainer import NonFiniteLossError, Trainer, evaluate, exit_outputs
 from lego_kernels import ops
@@ -456,7 +456,8 @@ def run(
 def save_model(path: str, model: LegoModel, results: dict) -> None:
     """Write the trained ``model`` to ``path`` (atomically): ``model_config`` (dict),
     ``state_dict``, and from ``results`` the run's ``config``, its ``strategy``, the
-    early-exit ``threshold`` (0 when none), ``exit_layer``, ``context`` and ``measure``."""
+    early-exit ``threshold`` (0 when none), ``exit_layer``, ``context`` and ``measure``, and
+    the vocabulary and tokenization that ``python -m lego.generate`` needs (``text``)."""
     config = results["config"]
     ashem = results["strategy"] == "ashem"
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -470,6 +471,7 @@ def save_model(path: str, model: LegoModel, results: dict) -> None:
             "exit_layer": config["phase1_layers"] if ashem else config["exit_layer"],
             "context": config["context"],
             "measure": config["measure"],
+            TEXT_KEY: run_text_codec(config).state(),
         },
         path,
     )

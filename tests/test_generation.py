@@ -1,0 +1,333 @@
+"""``lego.generation``: KV-cached decoding against re-running the model on the whole prefix.
+
+References: ``naive_greedy`` re-runs ``LegoModel.forward`` on each row's prefix (no
+padding, no cache) every step; teacher-forced ``LegoModel.early_exit`` on the generated
+sequence; the full model's exact next-token distributions (from ``forward``) for
+sampling. Greedy comparisons run in float64, so no near-tie decides a test; everything
+runs on the torch backend except ``test_decoding_under_triton_interpreter``.
+"""
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+import lego.model
+from lego import LegoModel, ModelConfig
+from lego.generation import full_decode_flops, generate
+from lego_kernels import ops
+
+V, D, HEADS, LAYERS = 41, 32, 4, 4
+NEW = 9
+
+
+@pytest.fixture(autouse=True)
+def torch_backend():
+    with ops.use_backend("torch"):
+        yield
+
+
+def peaked_model(vocab: int = V, dim: int = D, seed: int = 0) -> LegoModel:
+    """A random model with unit-scale logits (the default init gives nearly uniform ones),
+    so that exits and layers disagree and greedy has no near-ties; float64."""
+    torch.manual_seed(seed)
+    config = ModelConfig(
+        vocab_size=vocab, dim=dim, num_layers=LAYERS, num_heads=HEADS, max_seq_len=24
+    )
+    model = LegoModel(config)
+    for name, p in model.named_parameters():
+        if name.startswith("embedding"):
+            torch.nn.init.normal_(p)
+        elif p.dim() == 2:
+            torch.nn.init.normal_(p, std=2 * dim**-0.5)
+    return model.double().eval()
+
+
+def ragged_batch(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Three prompts of 7, 4 and 6 tokens, left-padded with junk ids: ``ids``, ``mask``."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, V, (3, 7), generator=g)
+    mask = torch.ones(3, 7, dtype=torch.bool)
+    mask[1, :3] = False
+    mask[2, :1] = False
+    return ids.masked_fill(~mask, V - 1), mask
+
+
+def rows(tokens: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
+    """Each row's real tokens (prompt without padding, then what follows)."""
+    full = torch.cat([mask, mask.new_ones(mask.shape[0], tokens.shape[1] - mask.shape[1])], 1)
+    return [tokens[b][full[b]] for b in range(tokens.shape[0])]
+
+
+def naive_greedy(model: LegoModel, prompt: torch.Tensor, n: int, exit_layer=None) -> list[int]:
+    seq = prompt.clone()
+    for _ in range(n):
+        nxt = model(seq[None], exit_layer=exit_layer)[0, -1].argmax()
+        seq = torch.cat([seq, nxt[None]])
+    return seq[prompt.numel() :].tolist()
+
+
+@pytest.fixture(scope="module")
+def model() -> LegoModel:
+    return peaked_model()
+
+
+# ----------------------------------------------------------------------------- greedy
+
+
+def test_full_equals_naive_greedy_on_ragged_prompts(model):
+    ids, mask = ragged_batch()
+    out = model.generate(ids, max_new_tokens=NEW, attention_mask=mask)
+    assert out.new_tokens.shape == (3, NEW) and out.tokens.shape == (3, 7 + NEW)
+    assert torch.equal(out.tokens[:, :7], ids)  # the prompts as given, padding included
+    want = [naive_greedy(model, prompt, NEW) for prompt in rows(ids, mask)]
+    assert out.new_tokens.tolist() == want
+    stats = out.stats
+    assert (stats.new_tokens, stats.decode_steps, stats.batch_size) == (3 * NEW, NEW, 3)
+    assert stats.flops == stats.full_flops == full_decode_flops(model, 3, 7, NEW)
+    assert stats.wall_time_s > 0 and stats.tokens_per_s > 0
+    assert stats.exit_ratio is None and stats.acceptance_rate is None
+
+
+def eos_that_ends_rows_apart(model: LegoModel, ids, mask) -> int:
+    """A token that ends the rows of full greedy decoding at different steps."""
+    out = model.generate(ids, max_new_tokens=NEW, attention_mask=mask).new_tokens
+    for token in out[0, 2:].tolist():
+        ends = [row.index(token) if token in row else NEW for row in out.tolist()]
+        if len(set(ends)) > 1:
+            return token
+    raise AssertionError("no token ends the rows at different steps; change the seed")
+
+
+@pytest.mark.parametrize(("exit_layer", "draft_tokens"), [(1, 1), (2, 3), (3, 2), (2, 6)])
+def test_self_speculative_greedy_equals_full(model, exit_layer, draft_tokens):
+    ids, mask = ragged_batch()
+    eos = eos_that_ends_rows_apart(model, ids, mask)
+    full = model.generate(ids, max_new_tokens=NEW, attention_mask=mask, eos_id=eos)
+    spec = model.generate(
+        ids,
+        max_new_tokens=NEW,
+        attention_mask=mask,
+        eos_id=eos,
+        mode="self-speculative",
+        exit_layer=exit_layer,
+        draft_tokens=draft_tokens,
+    )
+    assert torch.equal(spec.new_tokens, full.new_tokens)
+    ends = [row.index(eos) if eos in row else NEW for row in full.new_tokens.tolist()]
+    for row, end in zip(full.new_tokens.tolist(), ends, strict=True):
+        assert row[end:] == [eos] * (NEW - end)  # finished rows are padded with eos
+    stats = spec.stats
+    assert stats.new_tokens == full.stats.new_tokens == sum(min(e + 1, NEW) for e in ends)
+    assert 0 <= stats.acceptance_rate <= 1
+    assert stats.tokens_per_verification == pytest.approx(1 + draft_tokens * stats.acceptance_rate)
+    assert stats.decode_steps <= full.stats.decode_steps  # one per round, rounds gain >= 1
+    assert stats.full_flops == full.stats.flops
+
+
+def test_early_exit_threshold_extremes(model):
+    ids, mask = ragged_batch()
+    kwargs = {"max_new_tokens": NEW, "attention_mask": mask, "mode": "early-exit"}
+    everyone = model.generate(ids, exit_layer=2, threshold=0.0, **kwargs)
+    want = [naive_greedy(model, prompt, NEW, exit_layer=2) for prompt in rows(ids, mask)]
+    assert everyone.new_tokens.tolist() == want and everyone.stats.exit_ratio == 1.0
+    for context in ("propagate", "routed"):
+        nobody = model.generate(ids, exit_layer=2, threshold=1.5, context=context, **kwargs)
+        full = model.generate(ids, max_new_tokens=NEW, attention_mask=mask)
+        assert torch.equal(nobody.new_tokens, full.new_tokens)
+        assert nobody.stats.exit_ratio == 0.0
+    assert everyone.stats.flops < everyone.stats.full_flops
+
+
+@pytest.mark.parametrize("context", ["propagate", "routed"])
+def test_early_exit_decoding_equals_teacher_forced_early_exit(model, context):
+    """The consistency rule: the emitted tokens are teacher-forced ``early_exit``'s
+    predictions on the generated sequence, row by row (prompt tokens routed too)."""
+    ids, mask = ragged_batch()
+    full = model.generate(ids, max_new_tokens=NEW, attention_mask=mask)
+    seqs = rows(full.tokens, mask)
+    scored = [model.early_exit(s[None], exit_layer=2, threshold=2.0).confidence for s in seqs]
+    threshold = torch.cat([c.flatten() for c in scored]).median().item()
+    out = model.generate(
+        ids,
+        max_new_tokens=NEW,
+        attention_mask=mask,
+        mode="early-exit",
+        exit_layer=2,
+        threshold=threshold,
+        context=context,
+    )
+    assert 0.2 < out.stats.exit_ratio < 0.8
+    for b, seq in enumerate(rows(out.tokens, mask)):
+        prompt_len = int(mask[b].sum())
+        teacher = model.early_exit(seq[None], exit_layer=2, threshold=threshold, context=context)
+        assert teacher.prediction[0, prompt_len - 1 : -1].tolist() == out.new_tokens[b].tolist()
+    assert not torch.equal(out.new_tokens, full.new_tokens)  # the exit changed some tokens
+
+
+def test_generation_flops_match_flop_counter(model, monkeypatch):
+    """Each mode's analytic count equals FlopCounterMode's matmuls (norms aside, as in
+    ``test_model``), SDPA on its math path."""
+    monkeypatch.setattr(lego.model, "NORM_FLOPS_PER_ELEMENT", 0)
+    ids, mask = ragged_batch()
+    settings = [
+        {"mode": "full"},
+        {"mode": "early-exit", "exit_layer": 2, "threshold": 0.3, "context": "propagate"},
+        {"mode": "early-exit", "exit_layer": 1, "threshold": 0.3, "context": "routed"},
+        {"mode": "self-speculative", "exit_layer": 2, "draft_tokens": 3},
+        {"mode": "self-speculative", "exit_layer": 2, "temperature": 1.0},
+    ]
+    for kwargs in settings:
+        gen = torch.Generator().manual_seed(0)
+        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+            out = model.generate(
+                ids, max_new_tokens=NEW, attention_mask=mask, generator=gen, **kwargs
+            )
+        assert counter.get_total_flops() == out.stats.flops, kwargs
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"mode": "full"},
+        {"mode": "early-exit", "exit_layer": 2, "threshold": 0.4},
+        {"mode": "self-speculative", "exit_layer": 2},
+    ],
+)
+def test_sampling_is_reproducible_with_a_generator(model, kwargs):
+    ids, mask = ragged_batch()
+
+    def draw(seed: int) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(seed)
+        return model.generate(
+            ids,
+            max_new_tokens=NEW,
+            attention_mask=mask,
+            temperature=1.5,
+            top_k=20,
+            top_p=0.95,
+            generator=gen,
+            **kwargs,
+        ).new_tokens
+
+    first = draw(0)
+    assert torch.equal(first, draw(0))
+    assert not torch.equal(first, draw(1))
+
+
+@torch.no_grad()
+def exact_marginals(model: LegoModel, prompt: torch.Tensor, steps: int, exit_layer=None):
+    """Exact distribution of each of the first ``steps`` sampled tokens (temperature 1),
+    by enumerating every prefix: a list of float64 ``[V]``."""
+    vocab = model.config.vocab_size
+    prefixes, weights = prompt[None], torch.ones(1, dtype=torch.float64)
+    marginals = []
+    for _ in range(steps):
+        probs = model(prefixes, exit_layer=exit_layer)[:, -1].double().softmax(-1)
+        joint = weights[:, None] * probs
+        marginals.append(joint.sum(0))
+        prefixes = torch.cat(
+            [
+                prefixes.repeat_interleave(vocab, 0),
+                torch.arange(vocab).repeat(len(prefixes))[:, None],
+            ],
+            1,
+        )
+        weights = joint.flatten()
+    return marginals
+
+
+def test_self_speculative_sampling_follows_the_full_model():
+    """Tiny vocabulary: 6,000 rows sample 3 tokens; tokens 2 and 3 come from the first
+    speculative round (token 1 from the prefill). Their frequencies match the full
+    model's exact marginals, which differ clearly from the draft exit's."""
+    vocab, num_rows = 5, 6000
+    model = peaked_model(vocab=vocab, dim=16, seed=0).float()
+    prompt = torch.tensor([1, 3, 0])
+    full = exact_marginals(model, prompt, 3)
+    draft = exact_marginals(model, prompt, 3, exit_layer=1)
+    out = model.generate(
+        prompt.expand(num_rows, 3),
+        max_new_tokens=3,
+        mode="self-speculative",
+        exit_layer=1,
+        draft_tokens=2,
+        temperature=1.0,
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert 0.1 < out.stats.acceptance_rate < 0.9
+    for step in (1, 2):
+        freq = torch.bincount(out.new_tokens[:, step], minlength=vocab).double() / num_rows
+        assert 0.5 * (draft[step] - full[step]).abs().sum() > 0.3  # the test can fail
+        assert 0.5 * (freq - full[step]).abs().sum() < 0.03
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"max_new_tokens": 18}, "max_new_tokens"),  # 7 + 18 > max_seq_len 24
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"mode": "fast"}, "mode"),
+        ({"mode": "early-exit", "exit_layer": 0, "threshold": 0.5}, "exit_layer"),
+        ({"mode": "early-exit", "exit_layer": LAYERS, "threshold": 0.5}, "exit_layer"),
+        ({"mode": "self-speculative"}, "exit_layer"),
+        ({"mode": "full", "exit_layer": 2}, "exit_layer"),
+        ({"mode": "early-exit", "exit_layer": 2}, "threshold"),
+        ({"mode": "early-exit", "exit_layer": 2, "threshold": float("nan")}, "threshold"),
+        ({"mode": "self-speculative", "exit_layer": 2, "threshold": 0.5}, "threshold"),
+        ({"mode": "self-speculative", "exit_layer": 2, "draft_tokens": 0}, "draft_tokens"),
+        ({"temperature": 1.0, "top_p": 0.0}, "top_p"),
+        ({"temperature": 1.0, "top_p": 1.2}, "top_p"),
+        ({"temperature": -1.0}, "temperature"),
+        ({"top_k": 0}, "top_k"),
+        ({"eos_id": V}, "eos_id"),
+        ({"context": "dense"}, "context"),
+        ({"measure": "max"}, "measure"),
+        ({"generator": 0}, "generator"),
+        ({"attention_mask": torch.ones(3, 6, dtype=torch.bool)}, "attention_mask"),
+        ({"attention_mask": torch.tensor([[1] * 7, [0] * 7, [1] * 7])}, "attention_mask"),
+        ({"attention_mask": torch.tensor([[1] * 7, [1, 0] + [1] * 5, [1] * 7])}, "left padding"),
+        ({"attention_mask": torch.full((3, 7), 0.5)}, "attention_mask"),
+    ],
+)
+def test_bad_input_names_the_argument(model, kwargs, name):
+    ids, _ = ragged_batch()
+    kwargs = {"max_new_tokens": 4, **kwargs}
+    with pytest.raises((ValueError, TypeError), match=name):
+        model.generate(ids, **kwargs)
+
+
+def test_bad_ids(model):
+    with pytest.raises(TypeError, match="ids"):
+        generate(model, torch.zeros(2, 3), max_new_tokens=2)
+    with pytest.raises(ValueError, match="ids"):
+        model.generate(torch.full((1, 3), V), max_new_tokens=2)
+    with pytest.raises(TypeError, match="ids"):
+        model.generate([[1, 2]], max_new_tokens=2)
+
+
+# ----------------------------------------------------------------------------- interpreter
+
+
+def test_decoding_under_triton_interpreter():
+    """Early-exit and self-speculative decoding on the Triton kernels (interpreter:
+    confidence, routing) give the torch backend's tokens."""
+    model = peaked_model(vocab=13, dim=16, seed=2).float()
+    ids = torch.randint(0, 13, (2, 3))
+    settings = [
+        {"mode": "early-exit", "exit_layer": 2, "threshold": 0.6},
+        {"mode": "self-speculative", "exit_layer": 2, "draft_tokens": 2},
+    ]
+    for kwargs in settings:
+        want = model.generate(ids, max_new_tokens=4, **kwargs)
+        with ops.use_backend("auto"):
+            assert ops.backend(model.embedding.weight) == "triton-interpreter"
+            got = model.generate(ids, max_new_tokens=4, **kwargs)
+        assert torch.equal(got.new_tokens, want.new_tokens), kwargs
+    assert want.stats.acceptance_rate > 0
