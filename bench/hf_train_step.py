@@ -105,6 +105,7 @@ def run(args: argparse.Namespace) -> dict:
 
     from lego.hf import apply_lego
 
+    commit = git_commit()  # the code measured, before anything else can change the tree
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
@@ -172,7 +173,7 @@ def run(args: argparse.Namespace) -> dict:
         row["time_vs_unpatched"] = row["median_s"] / base
     return {
         "benchmark": "bench.hf_train_step",
-        "commit": git_commit(),
+        "commit": commit,
         "machine": machine_info("cpu"),
         "transformers": transformers.__version__,
         "cpu_cores": os.cpu_count(),
