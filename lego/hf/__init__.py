@@ -13,6 +13,7 @@ try:
 except ImportError as error:  # pragma: no cover - depends on the environment
     raise ImportError('lego.hf needs transformers: pip install "lego-kernels[hf]"') from error
 
+from lego.hf.generation import generate
 from lego.hf.patch import (
     SUPPORTED,
     LegoCausalLMOutput,
@@ -29,4 +30,5 @@ __all__ = [
     "LegoPatch",
     "apply_lego",
     "exit_confidence",
+    "generate",
 ]

@@ -92,8 +92,8 @@ class Adapter:
         raise NotImplementedError
 
     def layer_kv(
-        self, model: nn.Module, index: int, hidden: Tensor, inputs: object
+        self, model: nn.Module, index: int, hidden: Tensor, position_ids: Tensor
     ) -> tuple[Tensor, Tensor]:
         """Keys and values ``[B, Hkv, T, Dh]`` that ``layers[index]`` would cache for
-        inputs ``hidden [B, T, D]`` (position-encoded as the layer does), nothing else run."""
+        inputs ``hidden [B, T, D]`` at ``position_ids [B, T]``, nothing else run."""
         raise NotImplementedError

@@ -73,7 +73,7 @@ class GPT2Layout(Adapter):
         )
 
     def layer_kv(
-        self, model: nn.Module, index: int, hidden: Tensor, inputs: GPT2Inputs
+        self, model: nn.Module, index: int, hidden: Tensor, position_ids: Tensor
     ) -> tuple[Tensor, Tensor]:
         attn = model.transformer.h[index].attn
         x = model.transformer.h[index].ln_1(hidden)

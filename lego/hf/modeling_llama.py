@@ -102,7 +102,7 @@ class LlamaLayout(Adapter):
         )
 
     def layer_kv(
-        self, model: nn.Module, index: int, hidden: Tensor, inputs: LlamaInputs
+        self, model: nn.Module, index: int, hidden: Tensor, position_ids: Tensor
     ) -> tuple[Tensor, Tensor]:
         layer = model.model.layers[index]
         attn = layer.self_attn
@@ -110,6 +110,6 @@ class LlamaLayout(Adapter):
         shape = (*x.shape[:-1], -1, attn.head_dim)
         keys = attn.k_proj(x).view(shape).transpose(1, 2)
         values = attn.v_proj(x).view(shape).transpose(1, 2)
-        cos, sin = inputs.position_embeddings
+        cos, sin = model.model.rotary_emb(hidden, position_ids=position_ids)
         _, keys = apply_rotary_pos_emb(keys, keys, cos, sin)
         return keys, values
