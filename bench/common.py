@@ -278,6 +278,24 @@ def _nvidia_driver() -> str:
     return out.stdout.strip().splitlines()[0] if out.stdout.strip() else "unknown"
 
 
+def repository_state() -> dict[str, object]:
+    """``{"commit": short sha, "dirty": uncommitted changes?}`` of the checkout (``unknown``
+    outside git)."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": "unknown", "dirty": None}
+    return {"commit": commit, "dirty": bool(status.strip())}
+
+
 def machine_info(device: str) -> dict[str, str]:
     """Card, driver, CUDA, torch/triton/peer versions and UTC date of this run."""
     if device == "cuda":

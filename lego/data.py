@@ -150,12 +150,9 @@ def read_wikitext2_lines(data_dir: str | None = None) -> dict[str, list[str]]:
 def _vocabulary_index(words: dict[str, list[str]], variant: str) -> dict[str, int]:
     """Word -> id, in order of first appearance in the vocabulary splits, ``<unk>`` last."""
     vocab_splits = ("train", "valid") if variant == "seed" else ("train",)
-    index: dict[str, int] = {}
-    for split in vocab_splits:
-        for w in words[split]:
-            index.setdefault(w, len(index))
-    index.setdefault(UNK, len(index))
-    return index
+    ordered = dict.fromkeys(w for split in vocab_splits for w in words[split])  # first seen
+    ordered.setdefault(UNK)
+    return {w: i for i, w in enumerate(ordered)}
 
 
 def wikitext2_vocab(*, data_dir: str | None = None, variant: str = "standard") -> tuple[str, ...]:

@@ -83,11 +83,11 @@ class GenerationStats:
     ``new_tokens``: tokens generated, all rows together (a row stops counting after
     ``eos_id``); ``decode_steps``: model passes that produced tokens (the prefill
     included; self-speculative: one per round); ``wall_time_s``: the call's wall clock
-    (device synchronized); ``exit_ratio``: share of the generated tokens emitted at the
-    exit (early-exit, else ``None``); ``acceptance_rate``: drafted tokens kept over
-    drafted tokens, and ``tokens_per_verification``: tokens a row gains per round
-    (self-speculative, else ``None``); ``flops``: analytic FLOPs of this call;
-    ``full_flops``: those of ``mode="full"`` generating as many tokens per row.
+    (device synchronized); ``flops``: analytic FLOPs of this call; ``full_flops``: those
+    of ``mode="full"`` generating as many tokens per row. Early-exit: ``exited_tokens``,
+    generated tokens emitted at the exit. Self-speculative: ``verifications`` (rounds of
+    the rows still generating), ``drafted_tokens`` and ``accepted_tokens`` (kept drafts).
+    Counts that do not apply to the mode are ``None``; the ratios derive from them.
     """
 
     mode: str
@@ -98,9 +98,10 @@ class GenerationStats:
     wall_time_s: float
     flops: int
     full_flops: int
-    exit_ratio: float | None = None
-    acceptance_rate: float | None = None
-    tokens_per_verification: float | None = None
+    exited_tokens: int | None = None
+    verifications: int | None = None
+    drafted_tokens: int | None = None
+    accepted_tokens: int | None = None
 
     @property
     def tokens_per_s(self) -> float:
@@ -112,13 +113,30 @@ class GenerationStats:
         """``flops / full_flops``: below 1 means fewer FLOPs than full-depth decoding."""
         return self.flops / self.full_flops
 
+    @property
+    def exit_ratio(self) -> float | None:
+        """Share of the generated tokens emitted at the exit (early-exit)."""
+        return None if self.exited_tokens is None else self.exited_tokens / self.new_tokens
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        """Kept drafts over drafted tokens (self-speculative; ``None`` before any round)."""
+        if not self.drafted_tokens:
+            return None
+        return self.accepted_tokens / self.drafted_tokens
+
+    @property
+    def tokens_per_verification(self) -> float | None:
+        """Tokens a row gains per round, ``1 + kept drafts`` on average (self-speculative)."""
+        if not self.verifications:
+            return None
+        return (self.accepted_tokens + self.verifications) / self.verifications
+
     def as_dict(self) -> dict[str, object]:
-        """The fields and the two ratios, for JSON."""
-        return {
-            **dataclasses.asdict(self),
-            "tokens_per_s": self.tokens_per_s,
-            "flops_cost": self.flops_cost,
-        }
+        """The fields and the ratios, for JSON."""
+        ratios = ("tokens_per_s", "flops_cost", "exit_ratio", "acceptance_rate")
+        ratios += ("tokens_per_verification",)
+        return {**dataclasses.asdict(self), **{name: getattr(self, name) for name in ratios}}
 
 
 class GenerationOutput(NamedTuple):
@@ -454,7 +472,7 @@ def _decode_early_exit(
         exits += int((exited & ~out.finished).sum())
         out.add(token[:, None], torch.ones_like(token))
         passes += 1
-    return {"decode_steps": passes, "exit_ratio": exits / int(out.count.sum())}
+    return {"decode_steps": passes, "exited_tokens": exits}
 
 
 def _decode_self_speculative(
@@ -508,10 +526,9 @@ def _decode_self_speculative(
         kept += int(accepted[active].sum())
     return {
         "decode_steps": 1 + rounds,
-        "acceptance_rate": kept / drafted if drafted else None,
-        "tokens_per_verification": (kept + verifications) / verifications
-        if verifications
-        else None,
+        "verifications": verifications,
+        "drafted_tokens": drafted,
+        "accepted_tokens": kept,
     }
 
 

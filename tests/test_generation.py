@@ -331,3 +331,13 @@ def test_decoding_under_triton_interpreter():
             got = model.generate(ids, max_new_tokens=4, **kwargs)
         assert torch.equal(got.new_tokens, want.new_tokens), kwargs
     assert want.stats.acceptance_rate > 0
+
+
+def test_one_new_token_is_the_prefill_alone(model):
+    ids, mask = ragged_batch()
+    full = model.generate(ids, max_new_tokens=1, attention_mask=mask)
+    spec = model.generate(
+        ids, max_new_tokens=1, attention_mask=mask, mode="self-speculative", exit_layer=2
+    )
+    assert torch.equal(spec.new_tokens, full.new_tokens) and spec.stats.decode_steps == 1
+    assert spec.stats.acceptance_rate is None and spec.stats.flops == full.stats.flops
