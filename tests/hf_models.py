@@ -2,13 +2,16 @@
 
 Built from configs (no download), dropout off, and the norms' weights and biases
 moved away from 1 and 0, so that a norm applied twice, or of the wrong kind, shows.
-Shared by ``tests/test_hf_*.py``.
+Shared by ``tests/test_hf_*.py``, which import ``one_thread_torch_backend`` (autouse).
 """
 
 from __future__ import annotations
 
+import pytest
 import torch
 import transformers
+
+from lego_kernels import ops
 
 FAMILIES = ("llama", "mistral", "qwen2", "gpt2")
 CLASSES = {
@@ -80,3 +83,14 @@ def batch(vocab: int = 300, rows: int = 3, length: int = 12, seed: int = 1):
     labels[0, 3] = -100
     labels[-1, -2] = -100
     return ids, mask, labels
+
+
+@pytest.fixture(autouse=True)
+def one_thread_torch_backend():
+    """The ops' torch backend and one thread (tiny shapes: a second thread only adds
+    waiting, a lot of it on a loaded machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with ops.use_backend("torch"):
+        yield
+    torch.set_num_threads(threads)

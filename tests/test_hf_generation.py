@@ -18,20 +18,10 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from hf_models import FAMILIES, tiny_model  # noqa: E402
+from hf_models import FAMILIES, one_thread_torch_backend, tiny_model  # noqa: E402, F401
 
 from lego.hf import apply_lego, generate  # noqa: E402
 from lego_kernels import ops  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def _torch_backend_one_thread():
-    """The ops' torch backend; one thread (tiny shapes: a second one only adds waiting)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with ops.use_backend("torch"):
-        yield
-    torch.set_num_threads(threads)
 
 
 def prompts(rows: int = 3, length: int = 7, vocab: int = 300, seed: int = 2):

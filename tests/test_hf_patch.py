@@ -18,23 +18,13 @@ from torch.nn import functional as F
 
 transformers = pytest.importorskip("transformers")
 
-from hf_models import FAMILIES, batch, tiny_model  # noqa: E402
+from hf_models import FAMILIES, batch, one_thread_torch_backend, tiny_model  # noqa: E402, F401
 
 from bench.hf_train_step import cpu_allocations  # noqa: E402
 from lego.hf import SUPPORTED, apply_lego, exit_confidence  # noqa: E402
 from lego_kernels import ops, reference  # noqa: E402
 
 CASES = [("llama", False), ("llama", True), ("mistral", False), ("qwen2", False), ("gpt2", None)]
-
-
-@pytest.fixture(autouse=True)
-def _torch_backend_one_thread():
-    """The ops' torch backend; one thread (tiny shapes: a second one only adds waiting)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with ops.use_backend("torch"):
-        yield
-    torch.set_num_threads(threads)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -353,6 +343,12 @@ def test_exit_confidence_is_the_softmax_of_the_layers_state(family: str, measure
 # ----------------------------------------------------------------------------- pitfalls
 
 
+def rms_head_loss(hidden, model, labels, norm_weight, eps: float) -> torch.Tensor:
+    """The fused loss with RMSNorm on ``hidden``: what a hand-made call would compute."""
+    targets = F.pad(labels, (0, 1), value=-100)[:, 1:]
+    return ops.norm_head_cross_entropy(hidden, model.lm_head.weight, targets, norm_weight, eps=eps)
+
+
 def test_the_pre_norm_pitfall_is_impossible_through_the_api() -> None:
     """The loss and the last layer's confidence read the final norm's *input*; feeding the
     normalized ``hidden_states[-1]`` to the fused op (the trap) gives another number."""
@@ -360,13 +356,7 @@ def test_the_pre_norm_pitfall_is_impossible_through_the_api() -> None:
     ids, mask, labels = batch()
     out = model(input_ids=ids, attention_mask=mask, labels=labels, output_hidden_states=True)
     norm = model.model.norm
-    twice = ops.norm_head_cross_entropy(
-        out.hidden_states[-1],
-        model.lm_head.weight,
-        F.pad(labels, (0, 1), value=-100)[:, 1:],
-        norm.weight,
-        eps=norm.variance_epsilon,
-    )
+    twice = rms_head_loss(out.hidden_states[-1], model, labels, norm.weight, norm.variance_epsilon)
     assert abs(twice.item() - out.loss.item()) > 1e-3
     apply_lego(model)
     patched = model(input_ids=ids, attention_mask=mask, labels=labels).loss
@@ -383,13 +373,7 @@ def test_gpt2_gets_its_layernorm_not_rmsnorm() -> None:
     handle = ln_f.register_forward_pre_hook(lambda _m, args: captured.setdefault("x", args[0]))
     ref = model(input_ids=ids, attention_mask=mask, labels=labels)
     handle.remove()
-    as_rms = ops.norm_head_cross_entropy(  # what a forgotten norm="layer" gives
-        captured["x"],
-        model.lm_head.weight,
-        F.pad(labels, (0, 1), value=-100)[:, 1:],
-        ln_f.weight,
-        eps=ln_f.eps,
-    )
+    as_rms = rms_head_loss(captured["x"], model, labels, ln_f.weight, ln_f.eps)  # norm= forgotten
     assert abs(as_rms.item() - ref.loss.item()) > 1e-3
     apply_lego(model)
     assert rel(model(input_ids=ids, attention_mask=mask, labels=labels).loss, ref.loss) < 1e-6

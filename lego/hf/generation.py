@@ -40,7 +40,6 @@ attended key, ``2 V D`` per head call, the key/value projections of propagated t
 
 from __future__ import annotations
 
-import math
 import time
 
 import torch
@@ -55,13 +54,13 @@ from lego.generation import (
     Sampler,
     _check_int,
     _check_mask,
+    check_decoding,
 )
 from lego.hf.adapter import Adapter
-from lego.hf.patch import cast_head, find_adapter
-from lego.model import CONTEXTS
-from lego.sampling import check_sampling, greedy_accept, sample, speculative_accept
+from lego.hf.patch import cast_head, find_adapter, head_confidence
+from lego.sampling import greedy_accept, sample, speculative_accept
 from lego_kernels import ops
-from lego_kernels.reference import MEASURES, Confidence
+from lego_kernels.reference import Confidence
 
 
 class Decoder:
@@ -193,16 +192,7 @@ class Decoder:
     def confidence(self, hidden: Tensor, measure: str) -> Confidence:
         """The exit's ``ops.exit_confidence`` of ``hidden [..., D]`` (shared norm + head)."""
         self.flops += self.head_flops * hidden[..., 0].numel()
-        head = cast_head(self.head, hidden.dtype)
-        return ops.exit_confidence(
-            hidden,
-            head.weight,
-            head.norm_weight,
-            head.norm_bias,
-            norm=head.norm,
-            eps=head.eps,
-            measure=measure,
-        )
+        return head_confidence(hidden, self.head, measure)
 
     def exit_logits(self, hidden: Tensor) -> Tensor:
         """The exit's logits ``[..., V]`` (``ops.norm_head_logits``; sampling only)."""
@@ -293,7 +283,7 @@ def _decode_early_exit(
     while True:
         out.add(token[:, None], torch.ones_like(token))
         if out.done:
-            return {"decode_steps": passes, "exit_ratio": exits / int(out.count.sum())}
+            return {"decode_steps": passes, "exited_tokens": exits}
         positions = dec.open(1)
         h = dec.run_layers(dec.embed(token[:, None], positions), 0, exit_layer, positions)
         conf = dec.confidence(h[:, 0], measure)
@@ -355,10 +345,9 @@ def _decode_self_speculative(
         kept += int(accepted[active].sum())
     return {
         "decode_steps": 1 + rounds,
-        "acceptance_rate": kept / drafted if drafted else None,
-        "tokens_per_verification": (kept + verifications) / verifications
-        if verifications
-        else None,
+        "verifications": verifications,
+        "drafted_tokens": drafted,
+        "accepted_tokens": kept,
     }
 
 
@@ -418,36 +407,28 @@ def generate(
     num_layers = len(adapter.layers(model))
     ops.check_choice("mode", mode, MODES)
     _check_int("max_new_tokens", max_new_tokens, 1, None, ">= 1")
-    _check_int("draft_tokens", draft_tokens, 1, None, ">= 1")
+    _check_int("draft_tokens", draft_tokens, 1, None, ">= 1")  # before it counts in the limit
     limit = getattr(config, "max_position_embeddings", None) or config.n_positions
     if prompt_len + max_new_tokens + draft_tokens > limit:
         raise ValueError(
             f"prompt length {prompt_len} + max_new_tokens {max_new_tokens} + draft_tokens "
             f"{draft_tokens} exceeds the model's {limit} positions; lower max_new_tokens"
         )
-    if mode == "full":
-        if exit_layer is not None:
-            raise ValueError("exit_layer does not apply to mode='full'; leave it None")
-    else:
-        if exit_layer is None:
-            raise ValueError(f"mode={mode!r} needs exit_layer (in 1..{num_layers - 1})")
-        _check_int("exit_layer", exit_layer, 1, num_layers - 1, f"in 1..{num_layers - 1}")
-    if mode == "early-exit":
-        if threshold is None:
-            raise ValueError("mode='early-exit' needs threshold (0: all exit, > 1: none does)")
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
-            raise TypeError(f"threshold must be a float, got {type(threshold).__name__}")
-        if math.isnan(threshold):
-            raise ValueError("threshold is NaN; pass a number (0: all exit, > 1: none does)")
-    elif threshold is not None:
-        raise ValueError(f"threshold applies to mode='early-exit' only, not {mode!r}")
-    ops.check_choice("measure", measure, MEASURES)
-    ops.check_choice("context", context, CONTEXTS)
-    check_sampling(temperature, top_k, top_p)
-    if eos_id is not None:
-        _check_int("eos_id", eos_id, 0, config.vocab_size - 1, f"in [0, {config.vocab_size})")
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    check_decoding(
+        mode,
+        num_layers,
+        config.vocab_size,
+        exit_layer=exit_layer,
+        threshold=threshold,
+        measure=measure,
+        context=context,
+        draft_tokens=draft_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        eos_id=eos_id,
+        generator=generator,
+    )
     if getattr(config, "add_cross_attention", False):
         raise ValueError("generate does not run models with cross-attention (add_cross_attention)")
     if mode == "self-speculative":

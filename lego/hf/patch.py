@@ -366,8 +366,12 @@ def exit_confidence(
     watched = adapter.final_norm(model) if layer == num_layers else adapter.layers(model)[layer]
     with torch.no_grad(), capture_inputs({"state": watched}, stop=True) as states:
         adapter.decoder(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    hidden = states["state"]
-    head = cast_head(adapter.head(model), hidden.dtype)
+    return head_confidence(states["state"], adapter.head(model), measure)
+
+
+def head_confidence(hidden: Tensor, head: Head, measure: str) -> Confidence:
+    """``ops.exit_confidence`` of pre-norm states ``hidden [..., D]`` through ``head``."""
+    head = cast_head(head, hidden.dtype)
     return ops.exit_confidence(
         hidden,
         head.weight,
