@@ -407,12 +407,13 @@ def generate(
     num_layers = len(adapter.layers(model))
     ops.check_choice("mode", mode, MODES)
     _check_int("max_new_tokens", max_new_tokens, 1, None, ">= 1")
-    _check_int("draft_tokens", draft_tokens, 1, None, ">= 1")  # before it counts in the limit
-    limit = getattr(config, "max_position_embeddings", None) or config.n_positions
-    if prompt_len + max_new_tokens + draft_tokens > limit:
+    _check_int("draft_tokens", draft_tokens, 1, None, ">= 1")  # before it counts below
+    spare = draft_tokens if mode == "self-speculative" else 0  # a round's drafts past the end
+    limit = config.max_position_embeddings
+    if prompt_len + max_new_tokens + spare > limit:
         raise ValueError(
-            f"prompt length {prompt_len} + max_new_tokens {max_new_tokens} + draft_tokens "
-            f"{draft_tokens} exceeds the model's {limit} positions; lower max_new_tokens"
+            f"prompt length {prompt_len} + max_new_tokens {max_new_tokens} (+ {spare} drafts) "
+            f"exceeds the model's {limit} positions; lower max_new_tokens"
         )
     check_decoding(
         mode,

@@ -192,6 +192,9 @@ class LegoPatch:
         self._saved_forward = model.__dict__.get("forward")
         original = model.forward
         signature = inspect.signature(original)
+        self._var_keyword = next(
+            (p.name for p in signature.parameters.values() if p.kind == p.VAR_KEYWORD), None
+        )
 
         @functools.wraps(original)
         def forward(*args: object, **kwargs: object) -> object:
@@ -235,7 +238,7 @@ class LegoPatch:
 
     def _forward_with_labels(self, arguments: dict) -> LegoCausalLMOutput | tuple:
         arguments = dict(arguments)
-        kwargs = arguments.pop("kwargs", {})
+        kwargs = arguments.pop(self._var_keyword, {}) if self._var_keyword else {}
         labels = arguments.pop("labels")
         arguments.pop("logits_to_keep", None)
         return_dict = kwargs.pop("return_dict", None)
