@@ -1,11 +1,13 @@
 """Tokens/s of ``LegoModel.generate``'s modes against full-depth decoding (not a timed test).
 
     python -m bench.generate MODEL.pt [MODEL.pt ...] [--batch 1,8] [--prompt-len 8]
-        [--max-new-tokens 24] [--reps 5] [--threads 1] [--device cpu|cuda] [--out DIR]
+        [--max-new-tokens 24] [--temperature 0] [--reps 5] [--threads 1]
+        [--device cpu|cuda] [--out DIR]
 
 For each model saved by ``python -m lego.train --save-model`` (a trained exit), the
 prompts are the first ``--prompt-len`` tokens of the first 8 windows of its test split;
-batch 1 decodes them one by one, batch 8 together (the same tokens, greedy). Rows:
+batch 1 decodes them one by one, batch 8 together (greedy: the same tokens; with
+``--temperature``, sampling from a generator seeded 0 for each call). Rows:
 
 - ``full``: every layer, KV cache (the baseline of every ratio);
 - ``early-exit`` at target exit ratios 50/70/90%: the threshold is the quantile of the
@@ -21,7 +23,8 @@ full-depth decoding of the same tokens (``GenerationStats.flops_cost``), the exi
 or draft acceptance rate, and the issue's targets: early exit's wall-clock saving
 (``1 - time / full time``) at least 0.8x its FLOPs saving (``1 - flops_cost``, when
 positive); self-speculative at least 1.5x the tokens/s of ``full``. Writes
-``generate.json`` and ``generate.md`` (commit, machine, load, date) into ``--out``
+``generate.json`` and ``generate.md`` (``generate-temperature<T>.*`` when sampling;
+commit, machine, load, date) into ``--out``
 (default ``bench/results/<device>/``, ``cpu`` or the card's name).
 """
 
@@ -60,6 +63,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--batch", default="1,8", help="batch sizes, comma-separated (default: 1,8)")
     p.add_argument("--prompt-len", type=int, default=8, help="prompt tokens (default: 8)")
     p.add_argument("--max-new-tokens", type=int, default=24, help="tokens per prompt (24)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: 0)")
     p.add_argument("--reps", type=int, default=5, help="timed reps per row (default: 5)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -70,6 +74,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error(f"--batch: each size must divide the {NUM_PROMPTS} prompts, got {args.batch}")
     if args.reps < 1 or args.threads < 1 or args.prompt_len < 1:
         p.error("--reps, --threads and --prompt-len must be >= 1")
+    if not args.temperature >= 0:
+        p.error(f"--temperature must be >= 0 (0: greedy), got {args.temperature}")
     return args
 
 
@@ -138,7 +144,14 @@ def measure_model(path: str, args: argparse.Namespace) -> dict[str, Any]:
 
         def run(settings: dict[str, Any], chunks: tuple[torch.Tensor, ...] = chunks) -> list:
             return [
-                generate(model, ids, max_new_tokens=args.max_new_tokens, **settings)
+                generate(
+                    model,
+                    ids,
+                    max_new_tokens=args.max_new_tokens,
+                    temperature=args.temperature,
+                    generator=torch.Generator(args.device).manual_seed(0),
+                    **settings,
+                )
                 for ids in chunks
             ]
 
@@ -201,13 +214,17 @@ def _target(row: dict[str, Any]) -> str:
 def markdown(results: dict[str, Any]) -> str:
     """The results as markdown: a header with the run's provenance, one table per model."""
     m = results["machine"]
+    temperature = results["temperature"]
+    decoding = "greedy" if temperature == 0 else f"sampling at temperature {temperature}"
+    same = {True: "yes", False: "no"}
     lines = [
         "# `python -m bench.generate`",
         "",
         f"{m['date']}, commit {results['commit']}{' (dirty tree)' if results['dirty'] else ''}, "
         f"{m['card']}, {results['threads']} thread(s), load average {results['load_average']} "
         f"at the start; torch {m['torch']}; prompts of {results['prompt_len']} tokens, "
-        f"{results['max_new_tokens']} new tokens each, greedy, median of {results['reps']} reps.",
+        f"{results['max_new_tokens']} new tokens each, {decoding}, median of {results['reps']} "
+        "reps.",
     ]
     for model in results["models"]:
         s = model["shape"]
@@ -228,7 +245,7 @@ def markdown(results: dict[str, Any]) -> str:
                 lines.append(
                     f"| {batch} | {row['row']} | {row['tokens_per_s']:.1f} | "
                     f"{row['speed_vs_full']:.2f}x | {row['flops_cost']:.3f} | {exit_ratio} | "
-                    f"{accept} | {'yes' if row['same_tokens_as_full'] else 'no'} | "
+                    f"{accept} | {same[row['same_tokens_as_full']] if temperature == 0 else '-'} | "
                     f"{_target(row)} |"
                 )
     return "\n".join(lines) + "\n"
@@ -247,19 +264,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         "load_average": [round(x, 2) for x in os.getloadavg()],
         "prompt_len": args.prompt_len,
         "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
         "reps": args.reps,
         "models": [],
     }
     os.makedirs(out, exist_ok=True)
+    name = "generate" if args.temperature == 0 else f"generate-temperature{args.temperature:g}"
     with torch.no_grad():
         for path in args.models:
             results["models"].append(measure_model(path, args))
-            with open(os.path.join(out, "generate.json"), "w") as f:
+            with open(os.path.join(out, f"{name}.json"), "w") as f:
                 json.dump(results, f, indent=2)
-            with open(os.path.join(out, "generate.md"), "w") as f:
+            with open(os.path.join(out, f"{name}.md"), "w") as f:
                 f.write(markdown(results))
     print(markdown(results))
-    print(f"written to {out}/generate.json and generate.md")
+    print(f"written to {out}/{name}.json and {name}.md")
     return 0
 
 

@@ -57,7 +57,7 @@ def load_generation_model(path: str, device: str = "cpu") -> tuple[LegoModel, Te
 def add_vocabulary(path: str) -> TextCodec:
     """Write the vocabulary of the corpus that the model file ``path`` was trained on into
     the file (atomically; everything else is kept); returns it."""
-    saved = torch.load(path, map_location="cpu", weights_only=False)
+    _, saved = load_model(path)
     codec = run_text_codec(saved["config"])
     if len(codec.vocab) != saved["model_config"]["vocab_size"]:
         raise ValueError(f"the rebuilt vocabulary does not fit {path}'s model")
@@ -203,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if not args.prompt:
             raise ValueError("give at least one --prompt TEXT")
+        if args.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError("--device cuda: no CUDA GPU is available here; use --device cpu")
         model, codec, saved = load_generation_model(args.model, args.device)
         ids, mask = encode_prompts(codec, args.prompt, args.device)
         settings = settings_for(args, saved, ids.shape[1], model.config.max_seq_len)

@@ -43,7 +43,8 @@ def test_bench_generate_writes_every_row(tmp_path):
             assert spec["same_tokens_as_full"] and 0 <= spec["acceptance_rate"] <= 1
             assert spec["draft_tokens"] == k
         assert all(0 <= rows[f"early-exit {r}%"]["exit_ratio"] <= 1 for r in (50, 70, 90))
-    thresholds = list(model_result["thresholds"].values())  # quantiles at 50/70/90% exiting
-    assert thresholds == sorted(thresholds)
+    # The 50/70/90% quantiles of the confidence: more exits, a lower threshold.
+    thresholds = list(model_result["thresholds"].values())
+    assert thresholds == sorted(thresholds, reverse=True)
     text = (out / "generate.md").read_text()
     assert results["commit"] in text and "| batch | row | tokens/s |" in text
