@@ -577,6 +577,58 @@ def _check_mask(ids: Tensor, attention_mask: Tensor | None) -> Tensor:
     return real
 
 
+def check_decoding(
+    mode: str,
+    num_layers: int,
+    vocab_size: int,
+    *,
+    exit_layer: int | None,
+    threshold: float | None,
+    measure: str,
+    context: str,
+    draft_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    eos_id: int | None,
+    generator: torch.Generator | None,
+) -> None:
+    """The checks of ``generate``'s decoding arguments (a ``TypeError``/``ValueError``
+    naming the argument) for a ``mode`` already checked and a model of ``num_layers``
+    layers and ``vocab_size`` tokens; ``lego.hf.generate`` makes the same ones."""
+    if mode == "full":
+        for name, value in (("exit_layer", exit_layer), ("threshold", threshold)):
+            if value is not None:
+                raise ValueError(f"{name} does not apply to mode='full'; leave it None")
+    else:
+        if exit_layer is None:
+            raise ValueError(f"mode={mode!r} needs exit_layer (in 1..{num_layers - 1})")
+        _check_int(
+            "exit_layer",
+            exit_layer,
+            1,
+            num_layers - 1,
+            f"in 1..{num_layers - 1} (below the last layer)",
+        )
+    if mode == "early-exit":
+        if threshold is None:
+            raise ValueError("mode='early-exit' needs threshold (0: all exit, > 1: none does)")
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+            raise TypeError(f"threshold must be a float, got {type(threshold).__name__}")
+        if math.isnan(threshold):
+            raise ValueError("threshold is NaN; pass a number (0: all exit, > 1: none does)")
+    elif threshold is not None:
+        raise ValueError(f"threshold applies to mode='early-exit' only, not {mode!r}")
+    ops.check_choice("measure", measure, MEASURES)
+    ops.check_choice("context", context, CONTEXTS)
+    _check_int("draft_tokens", draft_tokens, 1, None, ">= 1")
+    check_sampling(temperature, top_k, top_p)
+    if eos_id is not None:
+        _check_int("eos_id", eos_id, 0, vocab_size - 1, f"in [0, {vocab_size})")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+
+
 @torch.no_grad()
 def generate(
     model: LegoModel,
@@ -619,37 +671,21 @@ def generate(
             f"max_seq_len {config.max_seq_len}; lower max_new_tokens to at most "
             f"{max(config.max_seq_len - prompt_len, 0)} or shorten the prompts"
         )
-    if mode == "full":
-        for name, value in (("exit_layer", exit_layer), ("threshold", threshold)):
-            if value is not None:
-                raise ValueError(f"{name} does not apply to mode='full'; leave it None")
-    else:
-        if exit_layer is None:
-            raise ValueError(f"mode={mode!r} needs exit_layer (in 1..{config.num_layers - 1})")
-        _check_int(
-            "exit_layer",
-            exit_layer,
-            1,
-            config.num_layers - 1,
-            f"in 1..{config.num_layers - 1} (below the last layer)",
-        )
-    if mode == "early-exit":
-        if threshold is None:
-            raise ValueError("mode='early-exit' needs threshold (0: all exit, > 1: none does)")
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
-            raise TypeError(f"threshold must be a float, got {type(threshold).__name__}")
-        if math.isnan(threshold):
-            raise ValueError("threshold is NaN; pass a number (0: all exit, > 1: none does)")
-    elif threshold is not None:
-        raise ValueError(f"threshold applies to mode='early-exit' only, not {mode!r}")
-    ops.check_choice("measure", measure, MEASURES)
-    ops.check_choice("context", context, CONTEXTS)
-    _check_int("draft_tokens", draft_tokens, 1, None, ">= 1")
-    check_sampling(temperature, top_k, top_p)
-    if eos_id is not None:
-        _check_int("eos_id", eos_id, 0, config.vocab_size - 1, f"in [0, {config.vocab_size})")
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    check_decoding(
+        mode,
+        config.num_layers,
+        config.vocab_size,
+        exit_layer=exit_layer,
+        threshold=threshold,
+        measure=measure,
+        context=context,
+        draft_tokens=draft_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        eos_id=eos_id,
+        generator=generator,
+    )
 
     if ids.is_cuda:
         torch.cuda.synchronize(ids.device)
