@@ -64,11 +64,14 @@ def padded(vocab: int) -> int:
 
 
 def chunk_rows(num_tokens: int, vocab: int, itemsize: int) -> int:
-    """Rows per chunk: the most whose ``[C, padded(V)]`` buffer fits :data:`MEMORY_BUDGET` (>= 1).
+    """Rows per chunk: the most whose ``[C, padded(V)]`` buffer fits :data:`MEMORY_BUDGET`,
+    rounded down to a multiple of 128 when at least 128 fit (the GEMMs' tile height), >= 1.
 
     The buffer never exceeds the budget unless a single row does (a row is then the chunk).
     """
     fit = MEMORY_BUDGET // (padded(vocab) * itemsize)
+    if fit >= 128:
+        fit -= fit % 128
     return max(1, min(num_tokens, fit))
 
 
@@ -155,44 +158,117 @@ def _pass(
 # ----------------------------------------------------------------------------- the chunk walk
 
 
+def _norm_chunk(
+    x: Tensor,
+    norm_weight: Tensor | None,
+    norm_bias: Tensor | None,
+    norm: str | None,
+    eps: float,
+    needs: tuple[bool, bool, bool],
+    use_triton: bool,
+) -> tuple[Tensor, object]:
+    """``h = norm(x)`` of one chunk ``[c, D]``, and what its backward needs (``needs``: the
+    gradients of x, norm_weight and norm_bias).
+
+    Triton: the norm kernels (h in x's dtype, row statistics for the backward). torch: the
+    reference's norm (compute dtype), recorded by autograd when a gradient is needed.
+    """
+    if norm is None:
+        return x if use_triton else x.to(reference.compute_dtype(x.dtype)), None
+    if use_triton:
+        from lego_kernels import head
+
+        return head._norm_forward(x, norm_weight, norm_bias, norm == "rms", eps)
+    if not any(needs):
+        return reference.apply_norm(x, norm_weight, norm_bias, norm, eps), None
+    dtype = reference.compute_dtype(x.dtype)
+    leaves = [
+        None if t is None else t.detach().to(t.dtype if i == 0 else dtype).requires_grad_(need)
+        for i, (t, need) in enumerate(zip((x, norm_weight, norm_bias), needs, strict=True))
+    ]
+    with torch.enable_grad():
+        h = reference.apply_norm(*leaves, norm, eps)
+    return h.detach(), (h, leaves)
+
+
+def _norm_chunk_backward(
+    dh: Tensor,
+    x: Tensor,
+    norm_weight: Tensor | None,
+    norm_bias: Tensor | None,
+    norm: str | None,
+    state: object,
+    needs: tuple[bool, bool, bool],
+    use_triton: bool,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """``(dx, d norm_weight, d norm_bias)`` of one chunk from ``dh``, where ``needs`` says;
+    the last two are the chunk's float32 sums (or the compute dtype's)."""
+    if norm is None:
+        return dh.to(x.dtype), None, None
+    if use_triton:
+        from lego_kernels import head
+
+        return head._norm_backward(dh, x, norm_weight, norm_bias, state, norm == "rms", needs)
+    h, leaves = state
+    wanted = [t for t, need in zip(leaves, needs, strict=True) if need]
+    grads = iter(torch.autograd.grad(h, wanted, dh))
+    return tuple(next(grads) if need else None for need in needs)
+
+
 def cross_entropy_forward(
-    h: Tensor,
+    x: Tensor,
     weight: Tensor,
+    norm_weight: Tensor | None,
+    norm_bias: Tensor | None,
     targets: Tensor,
     coef: Tensor | None,
+    norm: str | None,
+    eps: float,
     measure: str | None,
-    need_dh: bool,
-    need_dw: bool,
+    needs: tuple[bool, bool, bool, bool],
     use_triton: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
-    """Per-token cross-entropy of ``h @ weight.T`` and, as required, its gradients, in one walk.
+) -> tuple[Tensor, ...]:
+    """Per-token cross-entropy of ``norm(x) @ weight.T`` and, as required, its gradients.
 
-    ``h [N, D]`` and ``weight [V, D]`` in one dtype; ``targets`` int64 ``[N]`` in ``[0, V)`` or -1
-    (ignored); ``coef [N]`` (float32, or the compute dtype) the weight of each token's loss in the
-    gradients, needed when ``need_dh`` or ``need_dw``. Returns ``(loss, lse, confidence,
-    prediction, dh, dw)``: ``loss`` and ``lse`` ``[N]`` in the compute dtype (float32, float64 for
-    float64), ``confidence``/``prediction`` ``[N]`` (empty for ``measure=None``), and
-    ``dh = d(sum_i coef_i loss_i)/dh [N, D]`` in h's dtype and ``dw`` the same for ``weight``
-    (``None`` unless required).
+    One walk over the token chunks: per chunk the norm, the logits GEMM, the pass, and with
+    gradients the dh and dW GEMMs and the norm's backward. ``x [N, D]``; ``weight [V, D]`` in the
+    GEMMs' dtype (``norm(x)`` is cast to it); ``targets`` int64 ``[N]`` in ``[0, V)`` or -1
+    (ignored); ``coef [N]`` the weight of each token's loss in the gradients (needed with any
+    gradient); ``needs``: the gradients of x, weight, norm_weight and norm_bias.
+
+    Returns ``(loss, lse, confidence, prediction, dx, dw, dnw, dnb)``: ``loss`` and ``lse``
+    ``[N]`` in the compute dtype of ``weight`` (float32, float64 for float64),
+    ``confidence``/``prediction`` ``[N]`` (empty for ``measure=None``), and the gradients of
+    ``sum_i coef_i loss_i`` w.r.t. x, weight, norm_weight and norm_bias in their dtypes (``None``
+    where not needed). Besides them it holds one chunk's logits and O(C·D) per chunk.
     """
-    N = h.shape[0]
+    N = x.shape[0]
     V = weight.shape[0]
-    device, stat_dtype = h.device, reference.compute_dtype(h.dtype)
+    need_dx, need_dw, need_dnw, need_dnb = needs
+    norm_needs = (need_dx, need_dnw, need_dnb)
+    need_dh = any(norm_needs)
     grad = need_dh or need_dw
+    device, stat_dtype = x.device, reference.compute_dtype(weight.dtype)
     loss = torch.empty(N, dtype=stat_dtype, device=device)
     lse = torch.empty(N, dtype=stat_dtype, device=device)
     confidence = torch.empty(N if measure else 0, dtype=stat_dtype, device=device)
     prediction = torch.empty(N if measure else 0, dtype=torch.int64, device=device)
-    dh = torch.empty_like(h) if need_dh else None
+    dx = torch.empty_like(x) if need_dx else None
     dw = None
+    sums = [torch.zeros_like(t, dtype=stat_dtype) if t is not None else None
+            for t in (norm_weight, norm_bias)]  # fmt: skip
     with reference.no_autocast(device):
-        step = chunk_rows(N, V, h.element_size())
-        buffer = torch.full((min(step, N), padded(V)), float("-inf"), dtype=h.dtype, device=device)
+        step = chunk_rows(N, V, weight.element_size())
+        shape = (min(step, N), padded(V))
+        buffer = torch.full(shape, float("-inf"), dtype=weight.dtype, device=device)
         for start in range(0, N, step):
             rows = slice(start, min(start + step, N))
+            x_c = x[rows]
+            h, state = _norm_chunk(x_c, norm_weight, norm_bias, norm, eps, norm_needs, use_triton)
+            h = h.to(weight.dtype)
             zp = buffer[: rows.stop - start]
             z = zp[:, :V]
-            torch.mm(h[rows], weight.T, out=z)
+            torch.mm(h, weight.T, out=z)
             lse[rows], loss[rows], conf, pred = _pass(
                 zp, V, targets[rows], measure, grad, use_triton
             )
@@ -202,30 +278,38 @@ def cross_entropy_forward(
                 continue
             scale = coef[rows, None]
             if need_dw:
-                scaled_h = (h[rows] * scale).to(h.dtype)
+                scaled_h = (h * scale).to(h.dtype)
                 dw = torch.mm(z.T, scaled_h) if dw is None else dw.addmm_(z.T, scaled_h)
             if need_dh:
-                torch.mm(z, weight, out=dh[rows])
-                dh[rows].mul_(scale)
+                dh = torch.mm(z, weight).mul_(scale)
+                dx_c, dnw_c, dnb_c = _norm_chunk_backward(
+                    dh, x_c, norm_weight, norm_bias, norm, state, norm_needs, use_triton
+                )
+                if need_dx:
+                    dx[rows] = dx_c
+                for total, part in zip(sums, (dnw_c, dnb_c), strict=True):
+                    if part is not None:
+                        total += part
         if need_dw and dw is None:  # N = 0
             dw = torch.zeros_like(weight)
-    return loss, lse, confidence, prediction, dh, dw
+    dnw, dnb = (
+        total.to(t.dtype) if need else None
+        for total, t, need in zip(sums, (norm_weight, norm_bias), (need_dnw, need_dnb), strict=True)
+    )
+    return loss, lse, confidence, prediction, dx, dw, dnw, dnb
 
 
 def cross_entropy_backward(
-    grad: Tensor, dh: Tensor | None, dw: Tensor | None, token_loss: Tensor | None
-) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """Apply the upstream scalar ``grad`` of ``sum_i coef_i loss_i`` to what the forward computed.
+    grad: Tensor, *forward_grads: Tensor | None
+) -> tuple[Tensor | None, ...]:
+    """Apply the upstream scalar ``grad`` of ``sum_i coef_i loss_i`` to what the forward made.
 
-    Returns ``(grad_h, grad_weight, grad_coef)``: ``dh`` and ``dw`` scaled in place (their
-    memory becomes the gradients), and ``grad * token_loss`` (``None`` where the input is None).
+    ``forward_grads``: the gradients :func:`cross_entropy_forward` returned (and the per-token
+    losses, the gradient of the loss w.r.t. ``coef``). Each is scaled in place (its memory
+    becomes the gradient; a second backward through the same graph is an error, not a wrong
+    result); ``None`` stays ``None``.
     """
-    if dh is not None:
-        dh = dh.mul_(grad)
-    if dw is not None:
-        dw = dw.mul_(grad)
-    grad_coef = None if token_loss is None else token_loss * grad
-    return dh, dw, grad_coef
+    return tuple(None if g is None else g.mul_(grad) for g in forward_grads)
 
 
 class _ChunkedCrossEntropy(torch.autograd.Function):
@@ -234,26 +318,30 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx,
-        h: Tensor,
+        x: Tensor,
         weight: Tensor,
+        norm_weight: Tensor | None,
+        norm_bias: Tensor | None,
         targets: Tensor,
         coef: Tensor,
+        norm: str | None,
+        eps: float,
         measure: str | None,
-        needs: tuple[bool, bool, bool],
+        needs: tuple[bool, bool, bool, bool, bool],
         use_triton: bool,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        need_dh, need_dw, need_dcoef = needs
-        loss, lse, conf, pred, dh, dw = cross_entropy_forward(
-            h, weight, targets, coef, measure, need_dh, need_dw, use_triton
-        )
-        ctx.save_for_backward(dh, dw, loss if need_dcoef else None)
+        loss, lse, conf, pred, *grads = cross_entropy_forward(
+            x, weight, norm_weight, norm_bias, targets, coef, norm, eps, measure, needs[:4],
+            use_triton,
+        )  # fmt: skip
+        ctx.save_for_backward(*grads, loss if needs[4] else None)
         ctx.mark_non_differentiable(lse, conf, pred)
         return (loss * coef).sum(), lse, conf, pred
 
     @staticmethod
     def backward(ctx, grad: Tensor, *_unused: Tensor) -> tuple[Tensor | None, ...]:
-        grad_h, grad_w, grad_coef = cross_entropy_backward(grad, *ctx.saved_tensors)
-        return grad_h, grad_w, None, grad_coef, None, None, None
+        dx, dw, dnw, dnb, dcoef = cross_entropy_backward(grad, *ctx.saved_tensors)
+        return dx, dw, dnw, dnb, None, dcoef, None, None, None, None, None
 
 
 class _ChunkedTokenCrossEntropy(torch.autograd.Function):
@@ -262,28 +350,35 @@ class _ChunkedTokenCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx,
-        h: Tensor,
+        x: Tensor,
         weight: Tensor,
+        norm_weight: Tensor | None,
+        norm_bias: Tensor | None,
         targets: Tensor,
+        norm: str | None,
+        eps: float,
         measure: str | None,
         use_triton: bool,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        loss, lse, conf, pred, _, _ = cross_entropy_forward(
-            h, weight, targets, None, measure, False, False, use_triton
-        )
-        ctx.save_for_backward(h, weight, targets)
-        ctx.use_triton = use_triton
+        loss, lse, conf, pred, *_ = cross_entropy_forward(
+            x, weight, norm_weight, norm_bias, targets, None, norm, eps, measure,
+            (False, False, False, False), use_triton,
+        )  # fmt: skip
+        ctx.save_for_backward(x, weight, norm_weight, norm_bias, targets)
+        ctx.config = (norm, eps, use_triton)
         ctx.mark_non_differentiable(lse, conf, pred)
         return loss, lse, conf, pred
 
     @staticmethod
     def backward(ctx, grad: Tensor, *_unused: Tensor) -> tuple[Tensor | None, ...]:
-        h, weight, targets = ctx.saved_tensors
+        x, weight, norm_weight, norm_bias, targets = ctx.saved_tensors
+        norm, eps, use_triton = ctx.config
         coef = torch.where(targets >= 0, grad, 0.0)  # an ignored token's loss is a constant 0
-        _, _, _, _, dh, dw = cross_entropy_forward(
-            h, weight, targets, coef, None, *ctx.needs_input_grad[:2], ctx.use_triton
-        )
-        return dh, dw, None, None, None
+        *_, dx, dw, dnw, dnb = cross_entropy_forward(
+            x, weight, norm_weight, norm_bias, targets, coef, norm, eps, None,
+            tuple(ctx.needs_input_grad[:4]), use_triton,
+        )  # fmt: skip
+        return dx, dw, dnw, dnb, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------- entry points
@@ -335,26 +430,12 @@ def reduce_losses(
     ).sum()
 
 
-def _normalize(
-    x: Tensor,
-    norm_weight: Tensor | None,
-    norm_bias: Tensor | None,
-    norm: str | None,
-    eps: float,
-    use_triton: bool,
-) -> Tensor:
-    """``norm(x)``, differentiable: the Triton norm kernels, or the reference (compute dtype)."""
-    if not use_triton:
-        return reference.apply_norm(x, norm_weight, norm_bias, norm, eps)
-    from lego_kernels import head
-
-    return head._apply_norm(x, norm_weight, norm_bias, norm, eps)
-
-
-def _gemm_operands(h: Tensor, weight: Tensor, dtype: torch.dtype | None) -> tuple[Tensor, Tensor]:
-    """``h`` and ``weight`` in one dtype for the GEMMs (differentiable casts)."""
-    dtype = dtype or h.dtype
-    return h.to(dtype), weight.to(dtype)
+def _gemm_weight(weight: Tensor, x: Tensor, dtype: torch.dtype | None, use_triton: bool) -> Tensor:
+    """The head in the GEMMs' dtype (a differentiable cast): ``dtype`` if given, else x's on the
+    Triton path and the compute dtype (float32 for 16-bit inputs) on the torch path."""
+    if dtype is None:
+        dtype = x.dtype if use_triton else reference.compute_dtype(x.dtype)
+    return weight.to(dtype)
 
 
 def exit_confidence(
@@ -370,15 +451,15 @@ def exit_confidence(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(confidence, prediction, lse)`` ``[N]`` each of ``norm(x) @ weight.T``; x ``[N, D]``.
 
-    ``dtype``: the GEMMs' dtype (default: that of ``norm(x)``). No gradient.
+    ``dtype``: the GEMMs' dtype (see :func:`_gemm_weight`). No gradient.
     """
     with torch.no_grad():
-        h = _normalize(x, norm_weight, norm_bias, norm, eps, use_triton)
-        h, w = _gemm_operands(h, weight, dtype)
-        no_targets = torch.full((h.shape[0],), -1, dtype=torch.int64, device=h.device)
-        _, lse, conf, pred, _, _ = cross_entropy_forward(
-            h, w, no_targets, None, measure, False, False, use_triton
-        )
+        w = _gemm_weight(weight, x, dtype, use_triton)
+        no_targets = torch.full((x.shape[0],), -1, dtype=torch.int64, device=x.device)
+        _, lse, conf, pred, *_ = cross_entropy_forward(
+            x, w, norm_weight, norm_bias, no_targets, None, norm, eps, measure,
+            (False, False, False, False), use_triton,
+        )  # fmt: skip
     return conf, pred, lse
 
 
@@ -401,29 +482,31 @@ def norm_head_cross_entropy(
     """Cross-entropy of ``norm(x) @ weight.T`` over token chunks; the arguments of ``head``'s.
 
     x ``[N, D]``, weight ``[V, D]``, targets int64 ``[N]``, token_weights ``[N]`` or None
-    (differentiable). ``dtype``: the GEMMs' dtype (default: that of ``norm(x)``). Returns the loss
+    (differentiable). ``dtype``: the GEMMs' dtype (see :func:`_gemm_weight`). Returns the loss
     (float32, float64 for float64 inputs; a scalar, or ``[N]`` for ``reduction="none"``), with
     ``(confidence, prediction, lse)`` when ``return_confidence``.
     """
-    h = _normalize(x, norm_weight, norm_bias, norm, eps, use_triton)
-    h, w = _gemm_operands(h, weight, dtype)
+    w = _gemm_weight(weight, x, dtype, use_triton)
     counted = counted_tokens(targets, ignore_index, weight.shape[0])
     safe_targets = torch.where(counted, targets, -1)
     code = measure if return_confidence else None
     if reduction == "none":
         loss, lse, conf, pred = _ChunkedTokenCrossEntropy.apply(
-            h, w, safe_targets, code, use_triton
+            x, w, norm_weight, norm_bias, safe_targets, norm, eps, code, use_triton
         )
         loss = reduce_losses(loss, targets, ignore_index, w.shape[0], "none", token_weights)
     else:
         coef = loss_coefficients(
-            counted, token_weights, reduction, reference.compute_dtype(h.dtype)
+            counted, token_weights, reduction, reference.compute_dtype(w.dtype)
         )
         grad_on = torch.is_grad_enabled()
-        needs = (grad_on and h.requires_grad, grad_on and w.requires_grad, coef.requires_grad)
-        loss, lse, conf, pred = _ChunkedCrossEntropy.apply(
-            h, w, safe_targets, coef, code, needs, use_triton
+        needs = tuple(
+            grad_on and t is not None and t.requires_grad for t in (x, w, norm_weight, norm_bias)
         )
+        loss, lse, conf, pred = _ChunkedCrossEntropy.apply(
+            x, w, norm_weight, norm_bias, safe_targets, coef, norm, eps, code,
+            (*needs, coef.requires_grad), use_triton,
+        )  # fmt: skip
     if return_confidence:
         return loss, (conf, pred, lse)
     return loss

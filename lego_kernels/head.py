@@ -319,14 +319,15 @@ def _norm_backward(
     is_rms: bool,
     needs: tuple[bool, bool, bool],
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """Gradients (dx, d norm_weight, d norm_bias), each only where ``needs`` says so."""
+    """Gradients (dx in x.dtype, d norm_weight and d norm_bias as float32 sums), each only
+    where ``needs`` says so."""
     N, D = x.shape
     need_dx, need_dw, need_db = needs
     if N == 0:
         return (
             torch.empty((0, D), dtype=x.dtype, device=x.device) if need_dx else None,
-            torch.zeros_like(norm_weight) if need_dw else None,
-            torch.zeros_like(norm_bias) if need_db else None,
+            torch.zeros(D, dtype=torch.float32, device=x.device) if need_dw else None,
+            torch.zeros(D, dtype=torch.float32, device=x.device) if need_db else None,
         )
     block_m, block_d, num_warps = _norm_blocks(D)
     programs = min(triton.cdiv(N, block_m), _target_programs(x.device))
@@ -356,8 +357,8 @@ def _norm_backward(
         BLOCK_D=block_d,
         num_warps=num_warps,
     )
-    dw = dw_part.sum(0).to(norm_weight.dtype) if need_dw else None
-    db = db_part.sum(0).to(norm_bias.dtype) if need_db else None
+    dw = dw_part.sum(0) if need_dw else None
+    db = db_part.sum(0) if need_db else None
     return dx, dw, db
 
 
@@ -390,6 +391,8 @@ class _Norm(torch.autograd.Function):
             ctx.is_rms,
             tuple(ctx.needs_input_grad[:3]),
         )
+        dw = None if dw is None else dw.to(norm_weight.dtype)
+        db = None if db is None else db.to(norm_bias.dtype)
         return dx, dw, db, None, None
 
 

@@ -48,8 +48,8 @@ def test_compare_json(smoke: tuple[int, str]) -> None:
 
     expected = {
         ("logits", "fwd"): ["lego", "eager"],
-        ("confidence", "fwd"): ["lego", "eager", "gemm"],
-        ("cross_entropy", "fwd+bwd"): ["lego", "eager"],
+        ("confidence", "fwd"): ["lego", "lego-fused", "lego-chunked", "eager", "gemm"],
+        ("cross_entropy", "fwd+bwd"): ["lego", "lego-fused", "lego-chunked", "eager"],
         ("routing", "fwd"): ["lego", "lego-capacity", "eager"],
     }
     shape = common.SHAPES["tiny"]

@@ -146,7 +146,11 @@ def test_chunk_rows_follow_the_budget(monkeypatch):
     assert chunked.chunk_rows(1000, 100, 8) == 5
     assert chunked.chunk_rows(1000, 10**6, 4) == 1  # a row larger than the budget: one row
     monkeypatch.setattr(chunked, "MEMORY_BUDGET", 256 * 2**20)
-    assert chunked.chunk_rows(8192, 128256, 2) == 1046  # llama3 bf16: 1,046 rows of 128,256
+    assert chunked.chunk_rows(1000, 128, 4) == 1000
+    monkeypatch.setattr(chunked, "MEMORY_BUDGET", 300 * 128 * 4)
+    assert chunked.chunk_rows(1000, 128, 4) == 256  # a multiple of 128 rows once 128 fit
+    monkeypatch.setattr(chunked, "MEMORY_BUDGET", 256 * 2**20)
+    assert chunked.chunk_rows(8192, 128256, 2) == 1024  # llama3 bf16: 8 chunks of 1,024 rows
 
 
 def _peak_cpu_bytes(fn) -> tuple[int, int]:
@@ -190,7 +194,7 @@ def _spy_forward(monkeypatch):
     original = chunked.cross_entropy_forward
 
     def spy(*args):
-        calls.append(args[5:7])  # (need_dh, need_dw)
+        calls.append(args[9])  # needs: the gradients of x, weight, norm_weight, norm_bias
         return original(*args)
 
     monkeypatch.setattr(chunked, "cross_entropy_forward", spy)
@@ -200,10 +204,10 @@ def _spy_forward(monkeypatch):
 @pytest.mark.parametrize(
     ("reduction", "trainable", "want"),
     [
-        ("mean", "all", [(True, True)]),  # 6NDV: one walk, gradients included
-        ("sum", "head", [(False, True)]),  # a frozen input and norm: no dh
-        ("mean", "input", [(True, False)]),  # a frozen head costs no dW
-        ("none", "all", [(False, False), (True, True)]),  # exact per-token upstream: recompute
+        ("mean", "all", [(True, True, True, False)]),  # 6NDV: one walk, gradients included
+        ("sum", "head", [(False, True, False, False)]),  # a frozen input and norm: no dh
+        ("mean", "input", [(True, False, True, False)]),  # a frozen head costs no dW
+        ("none", "all", [(False,) * 4, (True, True, True, False)]),  # per-token: recompute
     ],
 )
 def test_gradients_in_the_forward_walk(reduction, trainable, want, monkeypatch):
@@ -236,7 +240,7 @@ def test_no_gradient_work_without_grad_mode(monkeypatch):
         chunked.norm_head_cross_entropy(
             x, w, targets, None, None, None, 1e-6, -100, "mean", None, False, "max_prob", False
         )
-    assert calls == [(False, False)]
+    assert calls == [(False,) * 4]
 
 
 def test_second_backward_raises():
