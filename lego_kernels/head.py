@@ -16,41 +16,55 @@ Norm (one program per block of rows; the statistics are saved for backward)::
 
 Head statistics (online softmax over vocabulary tiles; every statistic in float32). A program owns
 ``BLOCK_M`` tokens and one contiguous split of the vocabulary; it loops over ``BLOCK_N`` wide tiles
-of that split, computes a logit tile with ``tl.dot`` (a K-loop over D), reduces the tile to::
+of that split, computes a logit tile with ``tl.dot`` (one K-step on an h tile loaded once per
+program when D <= ``resident_dim``, else a K-loop over D), reduces the tile to::
 
     m = max_j z_j,   s = sum_j exp(z_j - m),   u = sum_j exp(z_j - m) (z_j - m),
-    m2 = the second largest logit,   a = argmax_j z_j,   t = z_target (if the target is in the tile)
+    m2 = the second largest logit,   a = argmax_j z_j
 
-and merges it into its running state. Two states ``a`` and ``b`` merge as::
+and merges it into its running state. ``exp(z - m)`` is computed as ``exp2(z log2e - m log2e)``
+(one FMA and one special-function op per logit), max and argmax come from one reduction, and
+only a split's last tile masks its columns. The target logit ``t = h . W[target]`` is one dot per
+token, outside the loop. Two states ``a`` and ``b`` merge as::
 
     m = max(m_a, m_b),   c_i = exp(m_i - m),   s = c_a s_a + c_b s_b,
     u = c_a (u_a + (m_a - m) s_a) + c_b (u_b + (m_b - m) s_b),
-    m2 = max(m2_a, m2_b, min(m_a, m_b)),   a = a_b if m_b > m_a else a_a,   t = t_a + t_b.
+    m2 = max(m2_a, m2_b, min(m_a, m_b)),   a = a_b if m_b > m_a else a_a.
 
 The splits write their partial states to ``[splits, N]`` buffers and a second, small kernel merges
-them with the same rule (splitting V keeps the GPU busy when N is small and V large, for example
-N = 2048, V = 69,830). From the merged state::
+them with the same rule, in a fixed order. The grid is sized to whole waves of the programs that
+run at once (:func:`_split_plan`): N = 2048 and V = 69,830 give 16 row blocks x 8 splits, one
+wave on 132 SMs. From the merged state::
 
-    lse = m + log(s)       loss = lse - z_target (0 for ignored tokens and targets outside [0, V))
+    lse = m + log(s)       loss = lse - t (0 for ignored tokens and targets outside [0, V))
     max_prob = exp(m - lse) = 1 / s        margin = (1 - exp(m2 - m)) / s
     entropy H = lse - sum_j p_j z_j = log(s) - u / s,   confidence = 1 - H / ln(V)   (1 when V = 1)
 
-Cross-entropy backward recomputes the logit tiles instead of storing them. With the per-token
-coefficient ``g_i = dL/dloss_i * w_i`` (divided by the number of non-ignored tokens for ``mean``;
-0 for ignored tokens)::
+The same statistics kernel reads logits instead of computing them for :func:`confidence_from_logits`
+and for the chunked schedule (:mod:`lego_kernels.chunked`), whose chunk buffer has rows padded to a
+multiple of 64 columns of -inf so that every load is a whole vector; :func:`logits_pass` then turns
+that buffer into ``softmax - onehot(target)`` in place (:func:`_softmax_grad_kernel`).
+
+Cross-entropy backward (fused schedule) recomputes the logit tiles instead of storing them. With
+the per-token coefficient ``g_i = dL/dloss_i`` (autograd's upstream gradient of the per-token
+losses: the token weight, over the number of counted tokens for ``mean``; 0 for ignored
+tokens)::
 
     G = (softmax(z) - onehot(target)) * g[:, None]        # [BLOCK_M, BLOCK_N], never stored
     dh[rows] += G @ W[cols],   dW[cols] += G^T @ h[rows]
 
-Both updates go to float32 buffers (``N x D`` and ``V x D``) with atomic adds, as in Cut
-Cross-Entropy: every (token block, vocabulary tile) pair is independent, so the backward needs no
-``N x V`` buffer and no second pass, and the float32 accumulation keeps thousands of tile
-contributions accurate. G is rounded to the input dtype for the 16-bit dots. Each update loops
-over D in ``BLOCK_K`` chunks, so the accumulators in registers stay ``BLOCK_M x BLOCK_K`` for any
-D. The norm backward kernel then turns dh into dx, d norm_weight and d norm_bias. Recomputing the
-logits costs a fourth GEMM: forward + backward take 8NDV FLOPs where storing G would take 6NDV.
-:func:`norm_head_logits` (whose ``N x V`` output exists anyway) uses cuBLAS through
-``torch.nn.functional.linear`` for the GEMM and its gradients, and the norm kernels around it.
+dW goes to a float32 ``V x D`` buffer with atomic adds, as in Cut Cross-Entropy: every (token
+block, vocabulary tile) pair is independent, so the backward needs no ``N x V`` buffer and no
+second pass. dh: when D fits one K-step a program sums its split's contributions in registers and
+writes them once to its own slice of a ``[splits, N, D]`` buffer, which is then summed in order
+(no atomics); for larger D it goes to ``N x D`` float32 with atomic adds. The atomics make the
+fused backward's gradients vary in the last bits from run to run, which is why
+``lego_kernels.ops`` uses the chunked schedule under ``torch.use_deterministic_algorithms(True)``.
+G is rounded to the input dtype for the 16-bit dots. The norm backward kernel then turns dh into
+dx, d norm_weight and d norm_bias. Recomputing the logits costs a fourth GEMM: forward + backward
+take 8NDV FLOPs where the chunked schedule takes 6NDV. :func:`norm_head_logits` (whose ``N x V``
+output exists anyway) uses cuBLAS through ``torch.nn.functional.linear`` for the GEMM and its
+gradients, and the norm kernels around it.
 
 Precision: 16-bit inputs use the tensor-core ``tl.dot`` with float32 accumulation; float32 inputs
 use TF32 only when ``torch.get_float32_matmul_precision()`` allows it (not "highest"), as torch's

@@ -391,8 +391,9 @@ def exit_confidence(
     """Per-token confidence, prediction and logsumexp of the exit head, in one pass.
 
     Returns ``Confidence(confidence f32, prediction i64, lse f32)``, each of
-    shape ``x.shape[:-1]``; never stores the ``N x V`` logits. No gradient.
-    ``measure``: ``"max_prob"`` | ``"margin"`` | ``"entropy"`` (higher = more confident).
+    shape ``x.shape[:-1]``; never stores the ``N x V`` logits (the chunked schedule
+    holds one chunk's). No gradient. ``measure``: ``"max_prob"`` | ``"margin"`` |
+    ``"entropy"`` (higher = more confident). Which schedule runs: :func:`schedule`.
     """
     _check_head_args(x, weight, norm_weight, norm_bias, norm, eps)
     check_choice("measure", measure, MEASURES)
@@ -455,13 +456,16 @@ def norm_head_cross_entropy(
 ) -> Tensor | tuple[Tensor, Confidence]:
     """Cross-entropy of the exit head, ``cross_entropy(norm(x) @ weight.T, targets)``.
 
-    Never materializes ``N x V`` (forward or backward). Loss is float32:
+    Never materializes ``N x V`` (forward or backward; the chunked schedule holds
+    one chunk's logits, within ``chunked.MEMORY_BUDGET``). Loss is float32:
     a scalar for ``reduction="mean"``/``"sum"``, ``x.shape[:-1]`` for ``"none"``.
     ``mean`` divides by the number of non-ignored tokens (0 if there is none);
-    with ``token_weights`` each token's loss is multiplied by its weight first.
+    with ``token_weights`` each token's loss is multiplied by its weight first
+    (``token_weights`` get their gradient too, on every backend).
     Backward computes only the gradients that are required (a frozen head
     costs no ``dW``). With ``return_confidence=True`` returns
-    ``(loss, Confidence)`` from the same pass, using ``measure``.
+    ``(loss, Confidence)`` from the same pass, using ``measure``. Which schedule
+    runs: :func:`schedule`.
     """
     _check_head_args(x, weight, norm_weight, norm_bias, norm, eps)
     check_choice("reduction", reduction, REDUCTIONS)
