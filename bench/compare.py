@@ -573,9 +573,11 @@ def card_slug(device: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
 
 
-def _choices(
+def parse_names(
     parser: argparse.ArgumentParser, arg: str, value: str, allowed: Sequence[str]
 ) -> list[str]:
+    """The comma-separated names of ``value``; a parser error (exit 2) naming ``arg`` for an
+    unknown name or an empty list."""
     names = [v.strip() for v in value.split(",") if v.strip()]
     unknown = [n for n in names if n not in allowed]
     if unknown or not names:
@@ -610,8 +612,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         cases = parse_cases(args.shapes, args.dtype)
     except ValueError as exc:
         parser.error(str(exc))
-    op_names = _choices(parser, "--ops", args.ops, OPS)
-    peers = _choices(parser, "--peers", args.peers, PEERS)
+    op_names = parse_names(parser, "--ops", args.ops, OPS)
+    peers = parse_names(parser, "--peers", args.peers, PEERS)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA GPU is visible; use --device cpu (plumbing only)")
     out = args.out or os.path.join(os.path.dirname(__file__), "results", card_slug(args.device))

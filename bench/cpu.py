@@ -46,7 +46,7 @@ from torch import Tensor
 
 from bench import impls
 from bench.common import EPS, Shape, forward_backward, head_flops, machine_info
-from bench.compare import rel_diff
+from bench.compare import parse_names, rel_diff
 from lego_kernels import ops, reference
 
 SHAPES: dict[str, Shape] = {
@@ -317,16 +317,6 @@ def write_outputs(info: dict, rows: Sequence[Row], out: str) -> None:
         f.write(to_markdown(info, rows))
 
 
-def _names(parser: argparse.ArgumentParser, arg: str, value: str, allowed: Sequence[str]):
-    names = [v.strip() for v in value.split(",") if v.strip()]
-    unknown = [n for n in names if n not in allowed]
-    if unknown or not names:
-        parser.error(
-            f"{arg}: unknown or empty {unknown or value!r}; choose from {','.join(allowed)}"
-        )
-    return names
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.cpu",
@@ -342,9 +332,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="output folder (default bench/results/cpu)",
     )
     args = parser.parse_args(argv)
-    shapes = [SHAPES[n] for n in _names(parser, "--shapes", args.shapes, list(SHAPES))]
-    op_names = _names(parser, "--ops", args.ops, OPS)
-    peers = _names(parser, "--peers", args.peers, PEERS)
+    shapes = [SHAPES[n] for n in parse_names(parser, "--shapes", args.shapes, list(SHAPES))]
+    op_names = parse_names(parser, "--ops", args.ops, OPS)
+    peers = parse_names(parser, "--peers", args.peers, PEERS)
     if args.reps < 1:
         parser.error(f"--reps must be >= 1, got {args.reps}")
     torch.set_num_threads(1)
