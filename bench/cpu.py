@@ -254,6 +254,45 @@ def target_lines(rows: Sequence[Row]) -> list[str]:
     return lines
 
 
+def provenance(info: dict) -> str:
+    """The run's commit, date, machine, versions and load, as two lines of markdown."""
+    return (
+        f"Commit {info['commit']}{' (dirty tree)' if info['dirty'] else ''}; {info['date']}; "
+        f"{info['cpu']} ({info['cores']} cores), {info['threads']} thread; torch "
+        f"{info['torch']}, triton {info['triton']}, Python {info['python']}.\n"
+        f"Load average at the start: {info['load_average_start']}, at the end: "
+        f"{info.get('load_average_end', '?')}. Median of {info['reps']} interleaved rounds, "
+        "float32, `python -m bench.cpu`."
+    )
+
+
+def summary_table(rows: Sequence[Row]) -> str:
+    """One line per shape and op: lego's time, its ratio to each peer's, and the memory."""
+    header = (
+        "| shape (N, D, V) | op | lego ms | lego / reference | lego / eager | lego / compile "
+        "| extra MiB, lego / compile |"
+    )
+    lines = [header, "|" + "---|" * header.count(" | ") + "---|"]
+    for shape in dict.fromkeys(r.shape for r in rows):
+        for op in OPS:
+            found = {r.impl: r for r in rows if (r.shape, r.op) == (shape, op)}
+            if "lego" not in found:
+                continue
+            lego, s = found["lego"], SHAPES[shape]
+            ratios = [f"{lego.ms / found[p].ms:.2f}x" if p in found else "" for p in PEERS]
+            compiled = found.get("compile")
+            memory = f"{lego.extra_mib:.0f} / {compiled.extra_mib:.0f}" if compiled else ""
+            cells = [
+                f"{shape} ({s.tokens}, {s.dim}, {s.vocab:,})",
+                f"{op} ({lego.passes})",
+                f"{lego.ms:.0f}",
+                *ratios,
+                memory,
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def to_markdown(info: dict, rows: Sequence[Row]) -> str:
     header = (
         "| shape (N, D, V) | op | pass | impl | median ms | GFLOP/s | lego / impl "
@@ -262,12 +301,9 @@ def to_markdown(info: dict, rows: Sequence[Row]) -> str:
     lines = [
         "# lego_kernels on the CPU",
         "",
-        f"Commit {info['commit']}{' (dirty tree)' if info['dirty'] else ''}; {info['date']}; "
-        f"{info['cpu']} ({info['cores']} cores), {info['threads']} thread; torch "
-        f"{info['torch']}, triton {info['triton']}, Python {info['python']}.",
-        f"Load average at the start: {info['load_average_start']}, at the end: "
-        f"{info.get('load_average_end', '?')}. Median of {info['reps']} interleaved rounds, "
-        "float32, `python -m bench.cpu`.",
+        provenance(info),
+        "",
+        summary_table(rows),
         "",
         header,
         "|" + "---|" * header.count(" | ") + "---|",
