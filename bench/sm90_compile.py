@@ -85,13 +85,17 @@ def record_launches() -> list:
         for name in names:
             saved[module, name] = getattr(module, name)
             setattr(module, name, Recorder(saved[module, name], launches))
+    precision = torch.get_float32_matmul_precision()
     try:
-        for dtype in DTYPES:
+        # float32 twice: IEEE dots ("highest", torch's default) and TF32 ("high")
+        for dtype, matmul_precision in (*((d, precision) for d in DTYPES), (torch.float32, "high")):
+            torch.set_float32_matmul_precision(matmul_precision)
             for shape in (*(SHAPES[s] for s in ("seed", "gpt2", "llama3")), SHAPES["tiny"]):
                 _head_launches(shape.tokens, shape.dim, shape.vocab, dtype)
             _head_launches(100, 100, 1001, dtype)  # D and V not multiples of any block
         _routing_launches()
     finally:
+        torch.set_float32_matmul_precision(precision)
         for (module, name), kernel in saved.items():
             setattr(module, name, kernel)
     return launches

@@ -766,9 +766,11 @@ def _vocab_splits(
 
 def _resident_block_k(D: int, dtype: torch.dtype, block_k: int) -> tuple[int, bool]:
     """(BLOCK_K, H_RESIDENT): one K-step covering D when it fits :attr:`HeadBlocks.resident_dim`
-    (the h tile then stays in registers), else :func:`_block_k` steps."""
+    and the dots run on tensor cores (the h tile then stays in registers), else
+    :func:`_block_k` steps. IEEE float32 dots are FMA loops whose resident tiles spill (ptxas,
+    sm_90a: 6-17 KB of stack per thread), so they keep the K-loop."""
     dim = D
-    if dim <= BLOCKS.resident_dim:
+    if dim <= BLOCKS.resident_dim and _dot_flags(dtype)[1] != "ieee":
         return max(16, triton.next_power_of_2(dim)), True
     return _block_k(block_k, dtype), False
 
