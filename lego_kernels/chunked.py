@@ -22,12 +22,15 @@ next chunk overwrites the buffer::
 
     dh_c = coef_c * (G_c @ W),    dW += G_c^T @ (coef_c * h_c)
 
-(``coef_c *`` scales rows: cheaper than scaling ``G_c``). Forward and backward together cost 6NDV
-FLOPs (the fused schedule recomputes the logits in its backward: 8NDV) and use no atomics: every
-sum has one fixed order, so results and gradients are bitwise reproducible run to run.
+(``coef_c *`` scales rows: cheaper than scaling ``G_c``), and the norm's backward turns ``dh_c``
+into ``dx_c`` and the chunk's share of the norm weight's and bias's gradients: the norm, too, runs
+per chunk, so no ``[N, D]`` intermediate exists and between forward and backward only the inputs'
+gradients are held. Forward and backward together cost 6NDV FLOPs (the fused schedule recomputes
+the logits in its backward: 8NDV) and use no atomics: every sum has one fixed order, so results and
+gradients are bitwise reproducible run to run.
 
 The upstream gradient of a ``mean`` or ``sum`` loss is one scalar ``g``, known only in backward, so
-the forward computes ``dh`` and ``dW`` for ``g = 1`` and the backward multiplies them by ``g``
+the forward computes the gradients for ``g = 1`` and the backward multiplies them by ``g``
 (:func:`cross_entropy_backward`). Where the upstream gradient is per token (``reduction="none"``)
 that factorization is wrong for ``dW`` (``sum_i g_i G_i^T h_i`` is not ``g`` times anything known in
 the forward), so that path stays exact by recomputing: its forward computes the statistics only
@@ -38,10 +41,12 @@ upstream gradient, over the count for ``mean``).
 Who runs the pass: on the CPU ("torch" backend) torch's own kernels (a blocked max/argmax, softmax
 in place, a gather of the target logit; :func:`_torch_pass`); on CUDA, and on CPU tensors under
 ``TRITON_INTERPRET=1``, the Triton kernels of :mod:`lego_kernels.head` (:func:`head.logits_pass`),
-which are imported lazily so that this module works without Triton. Everything here computes in the
-inputs' dtype with autocast off; ``lego_kernels.ops`` chooses that dtype (float32 on the CPU,
-autocast's dtype for float32 inputs on CUDA under autocast). The functions take validated,
-flattened, contiguous tensors (``lego_kernels.ops`` checks) and never synchronize with the host.
+which are imported lazily so that this module works without Triton; the norm likewise (the
+reference's, differentiated by autograd per chunk, or the Triton norm kernels). The GEMMs run in
+the head's dtype with autocast off: the compute dtype on the CPU (float32 for 16-bit inputs), and
+on CUDA the inputs' dtype or, for float32 inputs under autocast, autocast's (``lego_kernels.ops``
+passes it). The functions take validated, flattened, contiguous tensors (``lego_kernels.ops``
+checks) and never synchronize with the host.
 """
 
 from __future__ import annotations

@@ -250,3 +250,18 @@ def test_cpu_benchmark_rejects_unknown_names(capsys: pytest.CaptureFixture[str])
     with pytest.raises(SystemExit) as info:
         cpu.main(["--shapes", "huge"])
     assert info.value.code == 2 and "--shapes" in capsys.readouterr().err
+
+
+def test_readme_cpu_table_is_the_committed_run() -> None:
+    """The README's CPU table and its provenance are what ``bench.cpu`` makes of the committed
+    ``bench/results/cpu/cpu.json``, digit for digit."""
+    from bench import cpu
+
+    with open(os.path.join(ROOT, "bench", "results", "cpu", "cpu.json")) as f:
+        result = json.load(f)
+    rows = [cpu.Row(**r) for r in result["rows"]]
+    with open(os.path.join(ROOT, "README.md")) as f:
+        text = f.read()
+    assert cpu.summary_table(rows) in text
+    assert cpu.provenance(result["meta"]) in text
+    assert {r.shape for r in rows} == set(cpu.DEFAULT_SHAPES.split(","))
