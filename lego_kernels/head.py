@@ -115,7 +115,9 @@ class HeadBlocks:
     ``programs``: how many programs run at once, the slots that a launch fills in whole waves by
     splitting the vocabulary (head kernels) or grouping rows (norm backward); ``None``:
     ``programs_per_sm`` per SM, the occupancy the head kernels get (ptxas, sm_90a: 134-255
-    registers per thread at 8 warps, so one 256-thread program per SM).
+    registers per thread at 8 warps, so one 256-thread program per SM), and
+    ``logits_programs_per_sm`` for the memory-bound logits kernels (4 warps at 120-175
+    registers: two fit, and twice the loads in flight).
     ``norm_block``: elements per program of the norm kernels.
     """
 
@@ -132,6 +134,7 @@ class HeadBlocks:
     logits_num_warps: int = 4
     programs: int | None = None
     programs_per_sm: int = 1
+    logits_programs_per_sm: int = 2
     norm_block: int = 4096
 
 
@@ -160,12 +163,15 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _target_programs(device: torch.device) -> int:
+def _target_programs(device: torch.device, per_sm: int | None = None) -> int:
+    """Programs that run at once on ``device``: ``per_sm`` (default ``programs_per_sm``) per SM,
+    or ``BLOCKS.programs`` when set (1 off CUDA)."""
     if BLOCKS.programs is not None:
         return BLOCKS.programs
     if device.type != "cuda":
         return 1
-    return BLOCKS.programs_per_sm * _sm_count(device.index if device.index is not None else 0)
+    per_sm = per_sm or BLOCKS.programs_per_sm
+    return per_sm * _sm_count(device.index if device.index is not None else 0)
 
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
@@ -749,17 +755,18 @@ def _split_plan(row_blocks: int, v_tiles: int, slots: int) -> tuple[int, int]:
 
 
 def _vocab_splits(
-    N: int, V: int, block_m: int, block_n: int, device: torch.device
+    N: int, V: int, block_m: int, block_n: int, device: torch.device, per_sm: int | None = None
 ) -> tuple[int, int, int]:
     """(row blocks, vocabulary splits, tiles per split) for the head kernels' grid.
 
     V is split so that the grid fills whole waves of the programs the device runs at once
-    (:func:`_split_plan`): N = 2048 with 128-token blocks gives 16 row blocks, and V = 69,830 in
-    546 tiles of 128 is cut into 8 splits of 69 tiles: 128 programs, one wave on 132 SMs.
+    (:func:`_split_plan`, ``per_sm`` programs per SM): N = 2048 with 128-token blocks gives 16
+    row blocks, and V = 69,830 in 546 tiles of 128 is cut into 8 splits of 69 tiles: 128
+    programs, one wave on 132 SMs.
     """
     row_blocks = triton.cdiv(N, block_m)
     splits, tiles_per_split = _split_plan(
-        row_blocks, triton.cdiv(V, block_n), _target_programs(device)
+        row_blocks, triton.cdiv(V, block_n), _target_programs(device, per_sm)
     )
     return row_blocks, splits, tiles_per_split
 
@@ -815,7 +822,8 @@ def _head_stats(
         block_k, resident = _resident_block_k(src.shape[1], src.dtype, BLOCKS.block_k)
         dot_dtype, precision = _dot_flags(src.dtype)
         v_load, stride = V, src.shape[1]
-    row_blocks, splits, tiles_per_split = _vocab_splits(N, v_load, block_m, block_n, device)
+    per_sm = BLOCKS.logits_programs_per_sm if from_logits else None
+    row_blocks, splits, tiles_per_split = _vocab_splits(N, v_load, block_m, block_n, device, per_sm)
     part = torch.empty((5, splits, N), dtype=torch.float32, device=device)
     arg = torch.empty((splits, N), dtype=torch.int32, device=device)
     _stats_kernel[(row_blocks * splits,)](
