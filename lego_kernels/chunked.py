@@ -3,10 +3,11 @@ r"""The chunked schedule of the exit-head ops: vendor GEMMs over token chunks, o
 ``h = norm(x)`` (``x: [N, D]``), head ``W: [V, D]``, logits ``z = h @ W.T``. The tokens are walked
 in chunks of ``C`` rows; a chunk's logits ``z_c: [C, V]`` are the only vocabulary-sized tensor, held
 once, in one buffer that every chunk reuses: ``C`` is the largest row count whose buffer fits
-:data:`MEMORY_BUDGET` bytes (see :func:`chunk_rows`). The buffer's rows are padded to a multiple of
-``PAD`` columns that hold ``-inf``, so that every row starts aligned and a pass can read whole
-vectors also when V is not a multiple of 8. The logits come from the vendor GEMM (``torch.mm``:
-cuBLAS on CUDA, MKL on the CPU), written straight into the buffer.
+:data:`MEMORY_BUDGET` bytes (:data:`CPU_MEMORY_BUDGET` on the CPU; see :func:`chunk_rows`). The
+buffer's rows are padded to a multiple of ``PAD`` columns that hold ``-inf``, so that every row
+starts aligned and a pass can read whole vectors also when V is not a multiple of 8. The logits
+come from the vendor GEMM (``torch.mm``: cuBLAS on CUDA, MKL on the CPU), written straight into
+the buffer.
 
 One pass over ``z_c`` gives every statistic, in float32 (float64 for float64 inputs)::
 
@@ -59,6 +60,9 @@ from torch import Tensor
 from lego_kernels import reference
 
 MEMORY_BUDGET = 256 * 2**20  # bytes of one chunk's logits buffer; read at call time
+# On the CPU the chunks are smaller still: a fresh buffer costs a page fault per 4 KiB, and
+# smaller chunks run as fast (bench.cpu) while holding a quarter of the memory.
+CPU_MEMORY_BUDGET = 64 * 2**20
 PAD = 64  # the buffer's rows are padded to a multiple of PAD columns (-inf)
 _ENTROPY_BYTES = 2**22  # the entropy's temporary covers at most this many bytes of a chunk
 
@@ -68,14 +72,16 @@ def padded(vocab: int) -> int:
     return -(-vocab // PAD) * PAD
 
 
-def chunk_rows(num_tokens: int, vocab: int, itemsize: int) -> int:
-    """Rows per chunk: the most whose ``[C, padded(V)]`` buffer fits :data:`MEMORY_BUDGET`,
-    rounded down to a multiple of 128 when at least 128 fit (the GEMMs' tile height), >= 1.
+def chunk_rows(num_tokens: int, vocab: int, itemsize: int, device: torch.device) -> int:
+    """Rows per chunk: the most whose ``[C, padded(V)]`` buffer fits :data:`MEMORY_BUDGET` (and
+    :data:`CPU_MEMORY_BUDGET` on the CPU), rounded down to a multiple of 128 (the GPU GEMMs' tile
+    height) when at least 1,024 fit, >= 1.
 
     The buffer never exceeds the budget unless a single row does (a row is then the chunk).
     """
-    fit = MEMORY_BUDGET // (padded(vocab) * itemsize)
-    if fit >= 128:
+    budget = MEMORY_BUDGET if device.type != "cpu" else min(MEMORY_BUDGET, CPU_MEMORY_BUDGET)
+    fit = budget // (padded(vocab) * itemsize)
+    if fit >= 1024:
         fit -= fit % 128
     return max(1, min(num_tokens, fit))
 
@@ -263,7 +269,7 @@ def cross_entropy_forward(
     sums = [torch.zeros_like(t, dtype=stat_dtype) if t is not None else None
             for t in (norm_weight, norm_bias)]  # fmt: skip
     with reference.no_autocast(device):
-        step = chunk_rows(N, V, weight.element_size())
+        step = chunk_rows(N, V, weight.element_size(), device)
         buffer = torch.empty((min(step, N), padded(V)), dtype=weight.dtype, device=device)
         buffer[:, V:] = float("-inf")  # the padding; the GEMM writes the rest
         for start in range(0, N, step):

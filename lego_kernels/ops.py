@@ -144,7 +144,8 @@ def _predicted_seconds(
         fused_s += atomic / _ATOMIC_BYTES
         # chunked: dh and dW GEMMs; the pass writes G and the GEMMs read it twice; dW is
         # read and written once per chunk.
-        chunks = math.ceil(tokens / chunked.chunk_rows(tokens, vocab, itemsize))
+        rows = chunked.chunk_rows(tokens, vocab, itemsize, torch.device("cuda"))
+        chunks = math.ceil(tokens / rows)
         chunked_s += 2 * gemm + 4 * logits * itemsize / _STREAM_BYTES
         chunked_s += chunks * 2 * vocab * dim * itemsize / _STREAM_BYTES
     return fused_s, chunked_s

@@ -139,18 +139,19 @@ def test_triton_pass_keeps_the_padding(use_triton):
 
 
 def test_chunk_rows_follow_the_budget(monkeypatch):
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
     monkeypatch.setattr(chunked, "MEMORY_BUDGET", 10 * 128 * 4)
     assert chunked.padded(100) == 128 and chunked.padded(128) == 128 and chunked.padded(1) == 64
-    assert chunked.chunk_rows(1000, 100, 4) == 10  # 10 rows of 128 float32 columns
-    assert chunked.chunk_rows(7, 100, 4) == 7  # never more rows than tokens
-    assert chunked.chunk_rows(1000, 100, 8) == 5
-    assert chunked.chunk_rows(1000, 10**6, 4) == 1  # a row larger than the budget: one row
+    assert chunked.chunk_rows(1000, 100, 4, gpu) == 10  # 10 rows of 128 float32 columns
+    assert chunked.chunk_rows(7, 100, 4, gpu) == 7  # never more rows than tokens
+    assert chunked.chunk_rows(1000, 100, 8, cpu) == 5
+    assert chunked.chunk_rows(1000, 10**6, 4, gpu) == 1  # a row larger than the budget: one row
+    monkeypatch.setattr(chunked, "MEMORY_BUDGET", 1100 * 128 * 4)
+    assert chunked.chunk_rows(5000, 128, 4, gpu) == 1024  # a multiple of 128 once 1,024 fit
     monkeypatch.setattr(chunked, "MEMORY_BUDGET", 256 * 2**20)
-    assert chunked.chunk_rows(1000, 128, 4) == 1000
-    monkeypatch.setattr(chunked, "MEMORY_BUDGET", 300 * 128 * 4)
-    assert chunked.chunk_rows(1000, 128, 4) == 256  # a multiple of 128 rows once 128 fit
-    monkeypatch.setattr(chunked, "MEMORY_BUDGET", 256 * 2**20)
-    assert chunked.chunk_rows(8192, 128256, 2) == 1024  # llama3 bf16: 8 chunks of 1,024 rows
+    assert chunked.chunk_rows(8192, 128256, 2, gpu) == 1024  # llama3 bf16: 8 chunks of 1,024
+    assert chunked.chunk_rows(2048, 69830, 4, gpu) == 960  # seed float32 on a GPU: 240 MiB
+    assert chunked.chunk_rows(2048, 69830, 4, cpu) == 240  # and on the CPU: 64 MiB
 
 
 def _peak_cpu_bytes(fn) -> tuple[int, int]:
