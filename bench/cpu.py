@@ -71,7 +71,7 @@ TARGETS = {
 
 @dataclass
 class Row:
-    """One implementation of one op at one shape (``ms is None``: failed, see ``note``)."""
+    """One implementation of one op at one shape: its median time, memory and page faults."""
 
     shape: str
     op: str
