@@ -27,7 +27,8 @@ Modes:
   lower layers); ``"routed"``: exited tokens get no deeper keys/values, deeper layers
   attend to earlier hard tokens only (Mixture-of-Depths). The prompt is routed the same
   way, so the emitted tokens are the predictions of teacher-forced
-  ``LegoModel.early_exit`` on the generated sequence (greedy).
+  ``LegoModel.early_exit`` on the generated sequence (greedy). A pass where no token is
+  hard still writes the deeper keys/values (``"propagate"``), which later ones attend to.
 - ``"self-speculative"``: a round drafts ``draft_tokens`` tokens with layers
   ``1..exit_layer`` and the shared exit, then runs the deeper layers once over the
   round's ``draft_tokens + 1`` tokens from the exit-layer states kept while drafting
@@ -256,15 +257,30 @@ class Decoder:
         for index in range(start - 1, end):
             block = self.model.layers[index]
             x = block.attn_input(h)
+            self.write_kv(index, x, step)
             q = block.project(block.wq, x, step.positions)
-            k = block.project(block.wk, x, step.positions)
-            self.cache.write(index, self.cache.rows, step.cols, k, block.project(block.wv, x))
             h = block.finish(h, self.cache.attend(index, q, step.mask))
         tokens = batch * n
         self.flops += (end - start + 1) * self.model._layer_flops(
             tokens, tokens, tokens * step.width
         )
         return h
+
+    def write_kv(self, layer: int, x: Tensor, step: Pass) -> None:
+        """Keys/values of layer ``layer`` (0-based) from the attention inputs ``x [B, n, D]``
+        of every new token, written at ``step.cols`` (the caller counts the FLOPs)."""
+        block = self.model.layers[layer]
+        k = block.project(block.wk, x, step.positions)
+        self.cache.write(layer, self.cache.rows, step.cols, k, block.project(block.wv, x))
+
+    def propagate(self, h: Tensor, step: Pass, exit_layer: int) -> None:
+        """The keys/values of the layers after ``exit_layer`` for new tokens that all exited:
+        from their exit-layer states ``h [B, n, D]`` (``context="propagate"``)."""
+        model = self.model
+        for layer in range(exit_layer, model.config.num_layers):
+            self.write_kv(layer, model.layers[layer].attn_input(h), step)
+        tokens = h.shape[0] * h.shape[1]
+        self.flops += (model.config.num_layers - exit_layer) * model._layer_flops(0, tokens, 0)
 
     def run_hard(
         self, h: Tensor, plan: ops.RoutePlan, step: Pass, exit_layer: int, context: str
@@ -295,8 +311,7 @@ class Decoder:
             block = model.layers[index]
             if context == "propagate":
                 x_all = block.attn_input(ops.scatter_tokens(h, hard, plan))
-                k = block.project(block.wk, x_all, step.positions)
-                cache.write(index, cache.rows, step.cols, k, block.project(block.wv, x_all))
+                self.write_kv(index, x_all, step)
                 x = ops.gather_tokens(x_all, plan)
             else:
                 x = block.attn_input(hard)
@@ -441,6 +456,8 @@ def _early_exit_pass(
         hard = dec.run_hard(h, plan, step, exit_layer, context)
         last = plan.indices % n == n - 1
         rows, final = plan.indices[last] // n, hard[last]
+    elif context == "propagate":  # no hard token, yet later ones attend to these
+        dec.propagate(h, step, exit_layer)
     dec.cache.length += n
     last_exit = h[:, -1]
     if sampler.greedy:

@@ -139,30 +139,45 @@ def test_early_exit_threshold_extremes(model):
     assert everyone.stats.flops < everyone.stats.full_flops
 
 
+def median_threshold(model: LegoModel, tokens: torch.Tensor, mask: torch.Tensor) -> float:
+    """Midway between the two middle exit-layer confidences (layer 2) of teacher-forced
+    ``early_exit`` on ``tokens`` (prompts ``mask``, then continuations): about half of
+    them exit."""
+    seqs = rows(tokens, mask)
+    scored = [model.early_exit(s[None], exit_layer=2, threshold=2.0).confidence for s in seqs]
+    conf = torch.cat([c.flatten() for c in scored]).sort().values
+    return (conf[conf.numel() // 2 - 1] + conf[conf.numel() // 2]).item() / 2
+
+
+@pytest.mark.parametrize("batch", ["ragged", "rows alone"])
 @pytest.mark.parametrize("context", ["propagate", "routed"])
-def test_early_exit_decoding_equals_teacher_forced_early_exit(model, context):
+def test_early_exit_decoding_equals_teacher_forced_early_exit(model, context, batch):
     """The consistency rule: the emitted tokens are teacher-forced ``early_exit``'s
-    predictions on the generated sequence, row by row (prompt tokens routed too)."""
+    predictions on the generated sequence, row by row (prompt tokens routed too). A row
+    decoded alone has steps with no hard token at all, whose deeper keys/values
+    (``"propagate"``) later hard tokens still attend to."""
     ids, mask = ragged_batch()
     full = model.generate(ids, max_new_tokens=NEW, attention_mask=mask)
-    seqs = rows(full.tokens, mask)
-    scored = [model.early_exit(s[None], exit_layer=2, threshold=2.0).confidence for s in seqs]
-    threshold = torch.cat([c.flatten() for c in scored]).median().item()
-    out = model.generate(
-        ids,
-        max_new_tokens=NEW,
-        attention_mask=mask,
-        mode="early-exit",
-        exit_layer=2,
-        threshold=threshold,
-        context=context,
-    )
-    assert 0.2 < out.stats.exit_ratio < 0.8
-    for b, seq in enumerate(rows(out.tokens, mask)):
+    threshold = median_threshold(model, full.tokens, mask)
+    kwargs = {"mode": "early-exit", "exit_layer": 2, "threshold": threshold, "context": context}
+    if batch == "ragged":
+        out = model.generate(ids, max_new_tokens=NEW, attention_mask=mask, **kwargs)
+        assert 0.2 < out.stats.exit_ratio < 0.8
+        assert not torch.equal(out.new_tokens, full.new_tokens)  # the exit changed some tokens
+        tokens = out.tokens
+    else:
+        alone = [
+            model.generate(
+                ids[b : b + 1], max_new_tokens=NEW, attention_mask=mask[b : b + 1], **kwargs
+            )
+            for b in range(3)
+        ]
+        tokens = torch.cat([out.tokens for out in alone])
+    for b, seq in enumerate(rows(tokens, mask)):
         prompt_len = int(mask[b].sum())
         teacher = model.early_exit(seq[None], exit_layer=2, threshold=threshold, context=context)
-        assert teacher.prediction[0, prompt_len - 1 : -1].tolist() == out.new_tokens[b].tolist()
-    assert not torch.equal(out.new_tokens, full.new_tokens)  # the exit changed some tokens
+        generated = tokens[b, mask.shape[1] :]
+        assert teacher.prediction[0, prompt_len - 1 : -1].tolist() == generated.tolist()
 
 
 def test_generation_flops_match_flop_counter(model, monkeypatch):
@@ -170,18 +185,21 @@ def test_generation_flops_match_flop_counter(model, monkeypatch):
     ``test_model``), SDPA on its math path."""
     monkeypatch.setattr(lego.model, "NORM_FLOPS_PER_ELEMENT", 0)
     ids, mask = ragged_batch()
+    early = {"mode": "early-exit", "threshold": 0.3}
     settings = [
         {"mode": "full"},
-        {"mode": "early-exit", "exit_layer": 2, "threshold": 0.3, "context": "propagate"},
-        {"mode": "early-exit", "exit_layer": 1, "threshold": 0.3, "context": "routed"},
+        {**early, "exit_layer": 2, "context": "propagate"},
+        {**early, "exit_layer": 1, "context": "routed"},
         {"mode": "self-speculative", "exit_layer": 2, "draft_tokens": 3},
         {"mode": "self-speculative", "exit_layer": 2, "temperature": 1.0},
     ]
-    for kwargs in settings:
+    cases = [(ids, mask, kwargs) for kwargs in settings]
+    cases.append((ids[:1], mask[:1], {**early, "exit_layer": 2}))  # passes with no hard token
+    for prompts, prompt_mask, kwargs in cases:
         gen = torch.Generator().manual_seed(0)
         with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
             out = model.generate(
-                ids, max_new_tokens=NEW, attention_mask=mask, generator=gen, **kwargs
+                prompts, max_new_tokens=NEW, attention_mask=prompt_mask, generator=gen, **kwargs
             )
         assert counter.get_total_flops() == out.stats.flops, kwargs
 
