@@ -48,6 +48,9 @@ Statistics (``GenerationStats``): tokens, passes, wall time, tokens/s, exit rati
 acceptance rate, and analytic FLOPs of the call and of full-depth decoding of the same
 tokens, both counted with ``LegoModel._layer_flops`` / ``_head_flops`` on what each
 pass computes (SDPA's ``queries x width`` score entries, as the model's counts).
+
+``check_int``, ``check_mask``, ``check_decoding``, ``Sampler``, ``Emitted`` and the
+outputs are shared with ``lego.hf.generation``.
 """
 
 from __future__ import annotations
@@ -340,7 +343,9 @@ class Decoder:
 
 
 class Sampler(NamedTuple):
-    """How a token is picked from a distribution (see ``lego.sampling``)."""
+    """How a token is picked from a distribution (see ``lego.sampling``); shared with
+    ``lego.hf.generation``. ``temperature`` 0 is greedy; ``top_k`` / ``top_p`` filter the
+    distribution (``None``: no filter); ``generator`` draws the samples."""
 
     temperature: float
     top_k: int | None
@@ -349,16 +354,22 @@ class Sampler(NamedTuple):
 
     @property
     def greedy(self) -> bool:
+        """``temperature == 0``: the argmax, no sampling."""
         return self.temperature == 0
 
     def probs(self, logits: Tensor) -> Tensor:
+        """Sampling probabilities float32 ``[..., V]`` of ``logits [..., V]``
+        (``lego.sampling.next_token_probs``)."""
         return next_token_probs(logits, self.temperature, self.top_k, self.top_p)
 
 
 class Emitted:
-    """The generated tokens of each row: ``tokens`` int64 ``[B, max_new_tokens]`` (filled
+    """The generated tokens of each row; shared with ``lego.hf.generation``.
+
+    ``Emitted(batch, max_new, eos_id, device)``: ``tokens`` int64 ``[B, max_new]`` (filled
     with ``eos_id``, or 0 without one), ``count`` int64 ``[B]`` and ``finished`` bool ``[B]``
-    (``max_new_tokens`` reached or ``eos_id`` emitted)."""
+    (``max_new`` reached or ``eos_id`` emitted). ``done`` reads ``finished`` on the host.
+    """
 
     def __init__(self, batch: int, max_new: int, eos_id: int | None, device: torch.device):
         self.max_new, self.eos_id = max_new, eos_id
@@ -386,6 +397,7 @@ class Emitted:
 
     @property
     def done(self) -> bool:
+        """Whether every row is finished (one host synchronization)."""
         return bool(self.finished.all())
 
 
@@ -552,15 +564,22 @@ def _decode_self_speculative(
 # ----------------------------------------------------------------------------- entry point
 
 
-def _check_int(name: str, value: object, low: int, high: int | None, hint: str) -> None:
+def check_int(name: str, value: object, low: int, high: int | None, hint: str) -> None:
+    """``TypeError`` unless ``value`` is an int (not a bool), ``ValueError`` unless
+    ``low <= value`` (and ``value <= high`` when ``high`` is given); the messages name
+    ``name`` and say ``hint`` (the valid values, e.g. ``">= 1"``). Shared with
+    ``lego.hf.generation``."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
     if value < low or (high is not None and value > high):
         raise ValueError(f"{name} must be {hint}, got {value}")
 
 
-def _check_mask(ids: Tensor, attention_mask: Tensor | None) -> Tensor:
-    """The bool ``[B, T]`` mask of real tokens (all True when ``attention_mask`` is None)."""
+def check_mask(ids: Tensor, attention_mask: Tensor | None) -> Tensor:
+    """The bool ``[B, T]`` mask of real tokens of ``ids [B, T]`` (all True when
+    ``attention_mask`` is None); ``TypeError``/``ValueError`` naming ``ids`` or
+    ``attention_mask`` unless the mask is bool or 0/1 ``[B, T]`` on ids' device, with left
+    padding only and a real token in every row. Shared with ``lego.hf.generation``."""
     if not isinstance(ids, Tensor) or ids.dim() != 2:
         got = tuple(ids.shape) if isinstance(ids, Tensor) else type(ids).__name__
         raise TypeError(f"ids must be an int64 [batch, seq_len] tensor, got {got}")
@@ -620,7 +639,7 @@ def check_decoding(
     else:
         if exit_layer is None:
             raise ValueError(f"mode={mode!r} needs exit_layer (in 1..{num_layers - 1})")
-        _check_int(
+        check_int(
             "exit_layer",
             exit_layer,
             1,
@@ -638,10 +657,10 @@ def check_decoding(
         raise ValueError(f"threshold applies to mode='early-exit' only, not {mode!r}")
     ops.check_choice("measure", measure, MEASURES)
     ops.check_choice("context", context, CONTEXTS)
-    _check_int("draft_tokens", draft_tokens, 1, None, ">= 1")
+    check_int("draft_tokens", draft_tokens, 1, None, ">= 1")
     check_sampling(temperature, top_k, top_p)
     if eos_id is not None:
-        _check_int("eos_id", eos_id, 0, vocab_size - 1, f"in [0, {vocab_size})")
+        check_int("eos_id", eos_id, 0, vocab_size - 1, f"in [0, {vocab_size})")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
 
@@ -675,13 +694,13 @@ def generate(
     it). ``attention_mask`` bool/0-1 ``[B, T]``: True at real tokens, left padding only.
     ``T + max_new_tokens`` must not exceed ``max_seq_len``. No gradient.
     """
-    real = _check_mask(ids, attention_mask)
+    real = check_mask(ids, attention_mask)
     prompts, ids = ids, ids.masked_fill(~real, 0)  # any id may sit under the padding
     model._check_ids("ids", ids)
     batch, prompt_len = ids.shape
     config = model.config
     ops.check_choice("mode", mode, MODES)
-    _check_int("max_new_tokens", max_new_tokens, 1, None, ">= 1")
+    check_int("max_new_tokens", max_new_tokens, 1, None, ">= 1")
     if prompt_len + max_new_tokens > config.max_seq_len:
         raise ValueError(
             f"prompt length {prompt_len} + max_new_tokens {max_new_tokens} exceeds the model's "

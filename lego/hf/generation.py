@@ -52,9 +52,9 @@ from lego.generation import (
     GenerationOutput,
     GenerationStats,
     Sampler,
-    _check_int,
-    _check_mask,
     check_decoding,
+    check_int,
+    check_mask,
 )
 from lego.hf.adapter import Adapter
 from lego.hf.patch import cast_head, find_adapter, head_confidence
@@ -399,15 +399,15 @@ def generate(
     if not isinstance(input_ids, Tensor) or input_ids.dtype != torch.int64:
         got = input_ids.dtype if isinstance(input_ids, Tensor) else type(input_ids).__name__
         raise TypeError(f"input_ids must be an int64 [batch, seq_len] tensor, got {got}")
-    real = _check_mask(input_ids, attention_mask)
+    real = check_mask(input_ids, attention_mask)
     ids = input_ids.masked_fill(~real, 0)  # any id may sit under the padding
     if bool(((ids < 0) | (ids >= config.vocab_size)).any()):
         raise ValueError(f"input_ids must lie in [0, {config.vocab_size}) (the vocabulary)")
     batch, prompt_len = ids.shape
     num_layers = len(adapter.layers(model))
     ops.check_choice("mode", mode, MODES)
-    _check_int("max_new_tokens", max_new_tokens, 1, None, ">= 1")
-    _check_int("draft_tokens", draft_tokens, 1, None, ">= 1")  # before it counts below
+    check_int("max_new_tokens", max_new_tokens, 1, None, ">= 1")
+    check_int("draft_tokens", draft_tokens, 1, None, ">= 1")  # before it counts below
     spare = draft_tokens if mode == "self-speculative" else 0  # a round's drafts past the end
     limit = config.max_position_embeddings
     if prompt_len + max_new_tokens + spare > limit:
