@@ -29,6 +29,14 @@ Modes:
   way, so the emitted tokens are the predictions of teacher-forced
   ``LegoModel.early_exit`` on the generated sequence (greedy). A pass where no token is
   hard still writes the deeper keys/values (``"propagate"``), which later ones attend to.
+  With ``capacity=K`` at most ``K`` hard rows of a decode step run the deeper layers and
+  the hard rows past them exit, as in ``LegoModel.early_exit(..., capacity=K)``: the
+  decode step (``early_exit_step``) then has static shapes and makes no host
+  synchronization (the plan has ``min(K, B)`` slots, free ones -1; the attention spans
+  every cache column, masked), so it can be captured in a CUDA graph. The prompt is
+  routed without a capacity (``early_exit_prefill``); the decode loop reads the device
+  once per step only with ``eos_id`` (to stop when every row is done), and its counts
+  at the end.
 - ``"self-speculative"``: a round drafts ``draft_tokens`` tokens with layers
   ``1..exit_layer`` and the shared exit, then runs the deeper layers once over the
   round's ``draft_tokens + 1`` tokens from the exit-layer states kept while drafting
@@ -45,9 +53,10 @@ top-p) with ``generator``. A row that emits ``eos_id`` is finished: it is padded
 until every row is done or has ``max_new_tokens`` tokens).
 
 Statistics (``GenerationStats``): tokens, passes, wall time, tokens/s, exit ratio,
-acceptance rate, and analytic FLOPs of the call and of full-depth decoding of the same
-tokens, both counted with ``LegoModel._layer_flops`` / ``_head_flops`` on what each
-pass computes (SDPA's ``queries x width`` score entries, as the model's counts).
+overflowing tokens (with a capacity), acceptance rate, and analytic FLOPs of the call
+and of full-depth decoding of the same tokens, both counted with
+``LegoModel._layer_flops`` / ``_head_flops`` on what each pass computes (SDPA's
+``queries x width`` score entries, as the model's counts).
 
 ``check_int``, ``check_mask``, ``check_decoding``, ``Sampler``, ``Emitted`` and the
 outputs are shared with ``lego.hf.generation``.
@@ -63,7 +72,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from lego.model import CONTEXTS, HardLayout, LegoModel, attention
+from lego.model import CONTEXTS, HardLayout, LegoModel, attention, put_rows, take_rows
 from lego.sampling import (
     check_sampling,
     greedy_accept,
@@ -89,9 +98,11 @@ class GenerationStats:
     included; self-speculative: one per round); ``wall_time_s``: the call's wall clock
     (device synchronized); ``flops``: analytic FLOPs of this call; ``full_flops``: those
     of ``mode="full"`` generating as many tokens per row. Early-exit: ``exited_tokens``,
-    generated tokens emitted at the exit. Self-speculative: ``verifications`` (rounds of
-    the rows still generating), ``drafted_tokens`` and ``accepted_tokens`` (kept drafts).
-    Counts that do not apply to the mode are ``None``; the ratios derive from them.
+    generated tokens emitted at the exit; with a ``capacity``, ``overflow_tokens``: those
+    of them that were hard but exited because the step's capacity was full.
+    Self-speculative: ``verifications`` (rounds of the rows still generating),
+    ``drafted_tokens`` and ``accepted_tokens`` (kept drafts). Counts that do not apply to
+    the mode are ``None``; the ratios derive from them.
     """
 
     mode: str
@@ -103,6 +114,7 @@ class GenerationStats:
     flops: int
     full_flops: int
     exited_tokens: int | None = None
+    overflow_tokens: int | None = None
     verifications: int | None = None
     drafted_tokens: int | None = None
     accepted_tokens: int | None = None
@@ -119,7 +131,8 @@ class GenerationStats:
 
     @property
     def exit_ratio(self) -> float | None:
-        """Share of the generated tokens emitted at the exit (early-exit)."""
+        """Share of the generated tokens emitted at the exit (early-exit; the overflowing
+        ones included)."""
         return None if self.exited_tokens is None else self.exited_tokens / self.new_tokens
 
     @property
@@ -180,29 +193,35 @@ class Pass(NamedTuple):
 class KVCache:
     """Keys and values of every layer for the tokens of a batch, preallocated.
 
-    ``keys[l]``, ``values[l]``: ``[B, capacity, H, hd]`` in the model's dtype (layer
+    ``keys[l]``, ``values[l]``: ``[B, columns, H, hd]`` in the model's dtype (layer
     ``l + 1``); ``pad`` int64 ``[B]``: each row's left-padding columns (never attended);
     ``length`` int64 ``[B]``: columns whose keys/values are final at every layer (a row's
-    next token goes to column ``length``); ``deep`` bool ``[B, capacity]``: columns that
+    next token goes to column ``length``); ``deep`` bool ``[B, columns]``: columns that
     have keys/values at the layers past the exit (early-exit with ``context="routed"``).
     """
 
-    def __init__(self, model: LegoModel, pad: Tensor, capacity: int) -> None:
+    def __init__(self, model: LegoModel, pad: Tensor, columns: int) -> None:
         config = model.config
         like = model.embedding.weight
-        shape = (pad.shape[0], capacity, config.num_heads, config.head_dim)
+        shape = (pad.shape[0], columns, config.num_heads, config.head_dim)
         # Zeros, not empty: a masked key's value still meets a 0 weight (0 * NaN = NaN).
         self.keys = [like.new_zeros(shape) for _ in range(config.num_layers)]
         self.values = [like.new_zeros(shape) for _ in range(config.num_layers)]
+        self.columns = columns
         self.pad = pad
         self.length = torch.zeros_like(pad)
         self.deep = torch.zeros(shape[:2], dtype=torch.bool, device=pad.device)
         self.rows = torch.arange(shape[0], device=pad.device)[:, None]
 
-    def plan(self, n: int) -> Pass:
-        """The pass of ``n`` new tokens per row, at columns ``length .. length + n - 1``."""
+    def plan(self, n: int, width: int | None = None) -> Pass:
+        """The pass of ``n`` new tokens per row, at columns ``length .. length + n - 1``.
+
+        ``width``: the key columns attended; ``None``: up to the largest new column (read
+        on the host, one synchronization); an int (``columns`` for a static pass) keeps
+        every shape fixed, the columns past a row's own masked."""
         cols = self.length[:, None] + torch.arange(n, device=self.pad.device)
-        width = int(cols.max()) + 1
+        if width is None:
+            width = int(cols.max()) + 1
         return Pass(
             cols, (cols - self.pad[:, None]).clamp(min=0), width, self.mask(cols, self.real(width))
         )
@@ -239,14 +258,16 @@ class KVCache:
 class Decoder:
     """The cached layers of ``model`` for one ``generate`` call, with its FLOPs tally.
 
-    ``run_layers`` runs a block of layers on every new token, ``run_hard`` the deeper
-    layers on the hard tokens of a routing plan (the only place hard rows are handled,
-    so that a fixed-capacity plan can replace the host-synchronized one there).
+    ``Decoder(model, pad, columns)``: a ``KVCache`` of ``columns`` columns for rows with
+    ``pad`` int64 ``[B]`` left-padding columns. ``run_layers`` runs a block of layers on
+    every new token, ``run_hard`` the deeper layers on the hard tokens of a routing plan
+    (the only place hard rows are handled; a plan with a capacity and a static width
+    make it free of host synchronization). ``flops`` counts what the passes computed.
     """
 
-    def __init__(self, model: LegoModel, pad: Tensor, capacity: int) -> None:
+    def __init__(self, model: LegoModel, pad: Tensor, columns: int) -> None:
         self.model = model
-        self.cache = KVCache(model, pad, capacity)
+        self.cache = KVCache(model, pad, columns)
         self.flops = 0
 
     def head(self, tokens: int) -> None:
@@ -286,42 +307,55 @@ class Decoder:
         self.flops += (model.config.num_layers - exit_layer) * model._layer_flops(0, tokens, 0)
 
     def run_hard(
-        self, h: Tensor, plan: ops.RoutePlan, step: Pass, exit_layer: int, context: str
+        self,
+        h: Tensor,
+        plan: ops.RoutePlan,
+        step: Pass,
+        exit_layer: int,
+        context: str,
+        width: int | None = None,
     ) -> Tensor:
-        """The layers after ``exit_layer`` on the hard tokens of ``plan`` (``K >= 1``).
+        """The layers after ``exit_layer`` on the ``K >= 1`` slots of ``plan``.
 
-        ``h [B, n, D]``: every new token's exit-layer state. Returns the hard tokens'
-        states after the last layer ``[K, D]`` (token ``plan.indices[k] = b * n + i`` is
-        the ``i``-th new token of row ``b``). Queries,
-        attention output and FFN run on the hard rows; keys/values of the new tokens come
-        from every one of them (``"propagate"``: exited tokens from ``h``) or from the
-        hard ones only (``"routed"``, which also marks their columns in ``cache.deep``).
+        ``h [B, n, D]``: every new token's exit-layer state; ``width``: that of
+        ``HardLayout.build`` (``None`` reads it on the host; an int keeps the call free of
+        host synchronization). Returns the slots' states after the last layer ``[K, D]``
+        (slot ``k`` holds token ``plan.indices[k] = b * n + i``, the ``i``-th new token of
+        row ``b``; the free slots -1 of a plan with a capacity run as zero rows and are
+        written nowhere). Queries, attention output and FFN run on the slots; keys/values
+        of the new tokens come from every one of them (``"propagate"``: exited tokens from
+        ``h``) or from the hard ones only (``"routed"``: the others' columns hold zeros,
+        left out of ``cache.deep``).
         """
         model, cache = self.model, self.cache
         batch, n, _ = h.shape
+        index = plan.indices
         # HardLayout's own key mask covers one sequence of n tokens; the cache's is built here.
-        layout = HardLayout.build(plan, batch, n, "routed")
-        rows = plan.indices // n
-        cols, positions = step.cols[rows, layout.positions], step.positions[rows, layout.positions]
+        layout = HardLayout.build(plan, batch, n, "routed", width)
+        cols = take_rows(step.cols.reshape(-1), index)
+        positions = take_rows(step.positions.reshape(-1), index)
         key_ok = cache.real(step.width)
         if context == "routed":
-            cache.deep[cache.rows, step.cols] = False
-            cache.deep[rows, cols] = True
+            in_plan = put_rows(index.new_zeros(batch * n, dtype=torch.bool), index, index >= 0)
+            cache.deep[cache.rows, step.cols] = in_plan.view(batch, n)
             key_ok = key_ok & cache.deep[:, : step.width]
         mask = cache.mask(layout.pad(cols), key_ok)
         hard = ops.gather_tokens(h, plan)
-        for index in range(exit_layer, model.config.num_layers):
-            block = model.layers[index]
+        for layer in range(exit_layer, model.config.num_layers):
+            block = model.layers[layer]
             if context == "propagate":
                 x_all = block.attn_input(ops.scatter_tokens(h, hard, plan))
-                self.write_kv(index, x_all, step)
+                self.write_kv(layer, x_all, step)
                 x = ops.gather_tokens(x_all, plan)
             else:
                 x = block.attn_input(hard)
-                k = block.project(block.wk, x, positions)
-                cache.write(index, rows, cols, k, block.project(block.wv, x))
+                kv = (block.project(block.wk, x, positions), block.project(block.wv, x))
+                # Every new column is written, so no free slot lands anywhere.
+                zeros = kv[0].new_zeros(batch * n, *kv[0].shape[1:])
+                kv = [put_rows(zeros, index, t).unflatten(0, (batch, n)) for t in kv]
+                cache.write(layer, cache.rows, step.cols, *kv)
             q = layout.pad(block.project(block.wq, x, positions))
-            hard = block.finish(hard, layout.unpad(cache.attend(index, q, mask)))
+            hard = block.finish(hard, layout.unpad(cache.attend(layer, q, mask)))
         num_hard = plan.indices.numel()
         kv_tokens = batch * n if context == "propagate" else num_hard
         deep_layer = model._layer_flops(num_hard, kv_tokens, batch * layout.width * step.width)
@@ -368,7 +402,8 @@ class Emitted:
 
     ``Emitted(batch, max_new, eos_id, device)``: ``tokens`` int64 ``[B, max_new]`` (filled
     with ``eos_id``, or 0 without one), ``count`` int64 ``[B]`` and ``finished`` bool ``[B]``
-    (``max_new`` reached or ``eos_id`` emitted). ``done`` reads ``finished`` on the host.
+    (``max_new`` reached or ``eos_id`` emitted). ``add`` makes no host synchronization;
+    ``done`` reads ``finished`` on the host.
     """
 
     def __init__(self, batch: int, max_new: int, eos_id: int | None, device: torch.device):
@@ -381,16 +416,18 @@ class Emitted:
     def add(self, tokens: Tensor, lengths: Tensor) -> Tensor:
         """Append the first ``lengths [B]`` of ``tokens [B, n]`` to the unfinished rows, up to
         ``max_new_tokens`` and the first ``eos_id``; returns how many each row took ``[B]``."""
-        index = torch.arange(tokens.shape[1], device=tokens.device)
+        n = tokens.shape[1]
+        index = torch.arange(n, device=tokens.device)
         take = torch.minimum(lengths, self.max_new - self.count).masked_fill(self.finished, 0)
         ended = torch.zeros_like(self.finished)
         if self.eos_id is not None:
             eos = (tokens == self.eos_id) & (index < take[:, None])
             ended = eos.any(1)
             take = torch.where(ended, eos.long().argmax(1) + 1, take)
-        keep = index < take[:, None]
-        rows = torch.arange(tokens.shape[0], device=tokens.device)[:, None].expand_as(tokens)
-        self.tokens[rows[keep], (self.count[:, None] + index)[keep]] = tokens[keep]
+        # Column j of a row takes tokens[:, j - count] where count <= j < count + take.
+        offset = torch.arange(self.max_new, device=tokens.device) - self.count[:, None]
+        new = tokens.gather(1, offset.clamp(0, n - 1))
+        self.tokens = torch.where((offset >= 0) & (offset < take[:, None]), new, self.tokens)
         self.count += take
         self.finished |= ended | (self.count >= self.max_new)
         return take
@@ -441,67 +478,131 @@ def _decode_full(dec: Decoder, ids: Tensor, out: Emitted, sampler: Sampler) -> d
     return {"decode_steps": passes}
 
 
+class Routing(NamedTuple):
+    """How early-exit decoding routes (see ``generate``): a token whose ``measure``
+    confidence at ``exit_layer`` is ``>= threshold`` exits there; ``context`` as in
+    ``LegoModel.early_exit``; ``capacity``: at most that many hard rows of a decode step
+    run the deeper layers (``None``: all of them)."""
+
+    exit_layer: int
+    threshold: float
+    measure: str = "max_prob"
+    context: str = "propagate"
+    capacity: int | None = None
+
+
+class Emission(NamedTuple):
+    """What an early-exit pass emits for each row: ``token`` int64 ``[B]``; ``exited`` bool
+    ``[B]``: the token came from the exit (the row was confident, or past the capacity);
+    ``overflow`` bool ``[B]``: the row was hard but past the capacity, so it exited."""
+
+    token: Tensor
+    exited: Tensor
+    overflow: Tensor
+
+
 def _early_exit_pass(
     dec: Decoder,
     ids: Tensor,
     real: Tensor | None,
     sampler: Sampler,
-    exit_layer: int,
-    threshold: float,
-    measure: str,
-    context: str,
-) -> tuple[Tensor, Tensor]:
+    routing: Routing,
+    slots: int | None,
+) -> Emission:
     """One early-exit pass of the new tokens ``ids [B, n]`` (``real [B, n]``: False at left
-    padding, which always exits). Returns the token after the last column ``[B]`` and
-    whether it came from the exit ``[B]`` (bool)."""
-    model = dec.model
+    padding, which always exits), at most ``slots`` hard tokens running the deeper layers
+    (``None``: every one, their number read on the host). With ``slots`` and ``n == 1``
+    nothing is read on the host: the pass attends all cache columns and the deeper layers
+    run ``slots`` rows (free slots as zero rows), whatever the data."""
+    model, exit_layer, threshold = dec.model, routing.exit_layer, routing.threshold
     batch, n = ids.shape
-    step = dec.cache.plan(n)
+    static = slots is not None
+    step = dec.cache.plan(n, dec.cache.columns if static else None)
     h = dec.run_layers(model.embedding(ids), 1, exit_layer, step)
-    conf = model.exit_confidence(h, exit_layer=exit_layer, measure=measure)
+    conf = model.exit_confidence(h, exit_layer=exit_layer, measure=routing.measure)
     dec.head(batch * n)
     confidence = conf.confidence if real is None else conf.confidence.masked_fill(~real, math.inf)
-    plan = ops.route(confidence, threshold)
-    exited = confidence[:, -1] >= threshold
-    rows, final = exited.new_zeros(0, dtype=torch.int64), h.new_zeros(0, h.shape[-1])
-    if plan.indices.numel() > 0:
-        hard = dec.run_hard(h, plan, step, exit_layer, context)
-        last = plan.indices % n == n - 1
-        rows, final = plan.indices[last] // n, hard[last]
-    elif context == "propagate":  # no hard token, yet later ones attend to these
+    plan = ops.route(confidence, threshold, capacity=slots)
+    # rows: the rows whose last token ran deeper (-1: a free slot), final: its states.
+    rows, final = plan.indices, h.new_zeros(0, h.shape[-1])
+    if rows.numel() > 0:
+        width = min(slots, n) if static else None
+        hard = dec.run_hard(h, plan, step, exit_layer, routing.context, width)
+        if n == 1:  # each slot holds its row's last token
+            final = hard
+        else:
+            last = rows % n == n - 1
+            rows, final = rows[last] // n, hard[last]
+    elif routing.context == "propagate":  # no hard token, yet later ones attend to these
         dec.propagate(h, step, exit_layer)
     dec.cache.length += n
-    last_exit = h[:, -1]
+    deep = put_rows(torch.zeros_like(ids[:, 0], dtype=torch.bool), rows, rows >= 0)
+    overflow = ~deep & ~(confidence[:, -1] >= threshold)  # hard as ops.route says, yet exited
     if sampler.greedy:
         token = conf.prediction[:, -1]
         if rows.numel() > 0:
-            token = token.index_copy(0, rows, dec.next_token(final, None, sampler))
-        return token, exited
-    probs = last_exit.new_zeros(batch, model.config.vocab_size, dtype=torch.float32)
-    exit_rows = exited.nonzero().squeeze(1)
-    for index, states, layer in (
-        (exit_rows, last_exit[exit_rows], exit_layer),
-        (rows, final, None),
-    ):
+            token = put_rows(token, rows, dec.next_token(final, None, sampler))
+        return Emission(token, ~deep, overflow)
+    # The exit's distribution of the exited rows (static: of every row, the deep ones
+    # overwritten next), then the last layer's of the deep rows.
+    exit_rows = torch.arange(batch, device=ids.device) if static else (~deep).nonzero()[:, 0]
+    probs = h.new_zeros(batch, model.config.vocab_size, dtype=torch.float32)
+    for index, states, layer in ((exit_rows, h[exit_rows, -1], exit_layer), (rows, final, None)):
         if index.numel() > 0:
             dec.head(index.numel())
-            probs[index] = dec.probs(states, layer, sampler)
-    return sample(probs, sampler.generator), exited
+            probs = put_rows(probs, index, dec.probs(states, layer, sampler))
+    return Emission(sample(probs, sampler.generator), ~deep, overflow)
+
+
+def early_exit_prefill(
+    dec: Decoder, ids: Tensor, real: Tensor, sampler: Sampler, routing: Routing
+) -> Emission:
+    """The prompts ``ids`` int64 ``[B, T]`` (``real`` bool ``[B, T]``: False at left
+    padding) through an early-exit pass into ``dec.cache``: every prompt token is routed,
+    without a capacity (the host reads the number of hard tokens), as teacher-forced
+    ``LegoModel.early_exit`` routes them. Returns each row's first new token."""
+    return _early_exit_pass(dec, ids, real, sampler, routing, None)
+
+
+def early_exit_step(dec: Decoder, token: Tensor, sampler: Sampler, routing: Routing) -> Emission:
+    """The decode step: each row's current token ``token`` int64 ``[B]`` through the
+    cached layers (its keys/values written at column ``cache.length``, which then grows
+    by one); returns the next tokens.
+
+    With ``routing.capacity``: at most ``min(capacity, B)`` hard rows (the first ones, in
+    row order) run the deeper layers; the hard rows past them exit (``overflow``). The
+    step then makes no host synchronization and every shape is static (the attention
+    spans all ``cache.columns`` columns, masked; the deeper layers run ``min(capacity,
+    B)`` rows), so it can be captured in a CUDA graph: a replay reads ``token`` and
+    rewrites the cache and the returned tensors in place (``dec.flops`` counts calls, not
+    replays). Without a capacity the step reads the hard rows' number and the attended
+    width on the host.
+    """
+    slots = None if routing.capacity is None else min(routing.capacity, token.shape[0])
+    return _early_exit_pass(dec, token[:, None], None, sampler, routing, slots)
 
 
 def _decode_early_exit(
-    dec: Decoder, ids: Tensor, real: Tensor, out: Emitted, sampler: Sampler, **routing: object
+    dec: Decoder, ids: Tensor, real: Tensor, out: Emitted, sampler: Sampler, routing: Routing
 ) -> dict:
-    token, exited = _early_exit_pass(dec, ids, real, sampler, **routing)
-    exits = int(exited.sum())
+    first = early_exit_prefill(dec, ids, real, sampler, routing)
+    token, exits, overflows = first.token, first.exited.sum(), first.overflow.sum()
     out.add(token[:, None], torch.ones_like(token))
     passes = 1
-    while not out.done:
-        token, exited = _early_exit_pass(dec, token[:, None], None, sampler, **routing)
-        exits += int((exited & ~out.finished).sum())
+    # The loop's own host reads: out.done once per step when eos_id can end rows early
+    # (none without it: every row takes max_new_tokens tokens), the counts at the end.
+    while (not out.done) if out.eos_id is not None else passes < out.max_new:
+        active = ~out.finished
+        step = early_exit_step(dec, token, sampler, routing)
+        exits += (step.exited & active).sum()
+        overflows += (step.overflow & active).sum()
+        token = step.token
         out.add(token[:, None], torch.ones_like(token))
         passes += 1
-    return {"decode_steps": passes, "exited_tokens": exits}
+    info = {"decode_steps": passes, "exited_tokens": int(exits)}
+    if routing.capacity is not None:
+        info["overflow_tokens"] = int(overflows)
+    return info
 
 
 def _decode_self_speculative(
@@ -546,7 +647,7 @@ def _decode_self_speculative(
         active = ~out.finished
         out.add(emitted, accepted + 1)
         # The round's input and its kept drafts now have keys/values at every layer. A row
-        # that finished keeps its length (its later rounds, never read, stay in capacity).
+        # that finished keeps its length (its later rounds, never read, stay in the columns).
         cache.length += torch.where(out.finished, 0, accepted + 1)
         num_active = int(active.sum())
         rounds += 1
@@ -683,16 +784,20 @@ def generate(
     eos_id: int | None = None,
     attention_mask: Tensor | None = None,
     generator: torch.Generator | None = None,
+    capacity: int | None = None,
 ) -> GenerationOutput:
     """Continue the prompts ``ids`` int64 ``[B, T]`` by ``max_new_tokens`` tokens each.
 
     ``mode``: ``"full"``, ``"early-exit"`` (needs ``exit_layer`` in ``1..L-1`` and
-    ``threshold``; ``measure`` and ``context`` as in ``LegoModel.early_exit``) or
-    ``"self-speculative"`` (needs ``exit_layer``; ``draft_tokens >= 1`` per round); see the
-    module docstring. ``temperature = 0``: greedy; else sampling with ``top_k`` /
-    ``top_p`` from ``generator``. ``eos_id``: a row that emits it stops (then padded with
-    it). ``attention_mask`` bool/0-1 ``[B, T]``: True at real tokens, left padding only.
-    ``T + max_new_tokens`` must not exceed ``max_seq_len``. No gradient.
+    ``threshold``; ``measure`` and ``context`` as in ``LegoModel.early_exit``; optional
+    ``capacity >= 1``: at most that many hard rows per decode step run the deeper layers,
+    the others exit, and the step makes no host synchronization, see
+    ``early_exit_step``) or ``"self-speculative"`` (needs ``exit_layer``;
+    ``draft_tokens >= 1`` per round); see the module docstring. ``temperature = 0``:
+    greedy; else sampling with ``top_k`` / ``top_p`` from ``generator``. ``eos_id``: a row
+    that emits it stops (then padded with it). ``attention_mask`` bool/0-1 ``[B, T]``:
+    True at real tokens, left padding only. ``T + max_new_tokens`` must not exceed
+    ``max_seq_len``. No gradient.
     """
     real = check_mask(ids, attention_mask)
     prompts, ids = ids, ids.masked_fill(~real, 0)  # any id may sit under the padding
@@ -722,6 +827,10 @@ def generate(
         eos_id=eos_id,
         generator=generator,
     )
+    if capacity is not None:
+        if mode != "early-exit":
+            raise ValueError(f"capacity applies to mode='early-exit' only, not {mode!r}")
+        check_int("capacity", capacity, 1, None, ">= 1 (hard rows per decode step; None: all)")
 
     if ids.is_cuda:
         torch.cuda.synchronize(ids.device)
@@ -733,17 +842,8 @@ def generate(
     if mode == "full":
         info = _decode_full(dec, ids, out, sampler)
     elif mode == "early-exit":
-        info = _decode_early_exit(
-            dec,
-            ids,
-            real,
-            out,
-            sampler,
-            exit_layer=exit_layer,
-            threshold=float(threshold),
-            measure=measure,
-            context=context,
-        )
+        routing = Routing(exit_layer, float(threshold), measure, context, capacity)
+        info = _decode_early_exit(dec, ids, real, out, sampler, routing)
     else:
         info = _decode_self_speculative(dec, ids, out, sampler, exit_layer, draft_tokens)
     if ids.is_cuda:

@@ -639,7 +639,8 @@ class LegoModel(nn.Module):
         ``lego.generation.generate(self, ids, **settings)``, whose keywords are
         ``max_new_tokens``, ``mode`` (``"full"``, ``"early-exit"``, ``"self-speculative"``),
         ``exit_layer``, ``threshold``, ``measure``, ``context``, ``draft_tokens``,
-        ``temperature``, ``top_k``, ``top_p``, ``eos_id``, ``attention_mask``, ``generator``."""
+        ``temperature``, ``top_k``, ``top_p``, ``eos_id``, ``attention_mask``, ``generator``,
+        ``capacity``."""
         from lego.generation import generate  # lego.generation builds on this module
 
         return generate(self, ids, **settings)

@@ -4,8 +4,22 @@ References: ``naive_greedy`` re-runs ``LegoModel.forward`` on each row's prefix 
 padding, no cache) every step; teacher-forced ``LegoModel.early_exit`` on the generated
 sequence; the full model's exact next-token distributions (from ``forward``) for
 sampling. Greedy comparisons run in float64, so no near-tie decides a test; everything
-runs on the torch backend except ``test_decoding_under_triton_interpreter``.
+runs on the torch backend except ``test_decoding_under_triton_interpreter`` and the CUDA
+test (skipped without a GPU).
+
+Early-exit decoding with a ``capacity`` (hard rows per decode step): the decode step
+makes no host synchronization (``SyncCounter``); with a capacity of at least the batch it
+equals decoding without one and teacher-forced ``early_exit(..., capacity=...)`` (which
+then has room for every hard token: that is where the two are comparable, as
+``early_exit`` caps the hard tokens of the whole sequence, decoding those of each step);
+with a smaller one it equals teacher-forced two-stage inference
+(``LegoModel.run_layers_routed``) on the hard set that the per-step capacity leaves, and
+an overflowing row emits the exit's token; on CUDA a captured and replayed step equals
+the eager one.
 """
+
+import math
+import os
 
 import pytest
 import torch
@@ -14,8 +28,18 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import lego.model
 from lego import LegoModel, ModelConfig
-from lego.generation import full_decode_flops, generate
+from lego.generation import (
+    Decoder,
+    Routing,
+    Sampler,
+    check_mask,
+    early_exit_prefill,
+    early_exit_step,
+    full_decode_flops,
+    generate,
+)
 from lego_kernels import ops
+from lego_kernels.compile_safety import SyncCounter
 
 V, D, HEADS, LAYERS = 41, 32, 4, 4
 NEW = 9
@@ -89,9 +113,10 @@ def test_full_equals_naive_greedy_on_ragged_prompts(model):
     assert stats.exit_ratio is None and stats.acceptance_rate is None
 
 
-def eos_that_ends_rows_apart(model: LegoModel, ids, mask) -> int:
-    """A token that ends the rows of full greedy decoding at different steps."""
-    out = model.generate(ids, max_new_tokens=NEW, attention_mask=mask).new_tokens
+def eos_that_ends_rows_apart(model: LegoModel, ids, mask, **kwargs) -> int:
+    """A token that ends the rows of greedy decoding (``mode="full"`` unless ``kwargs``
+    say otherwise) at different steps."""
+    out = model.generate(ids, max_new_tokens=NEW, attention_mask=mask, **kwargs).new_tokens
     for token in out[0, 2:].tolist():
         ends = [row.index(token) if token in row else NEW for row in out.tolist()]
         if len(set(ends)) > 1:
@@ -190,6 +215,8 @@ def test_generation_flops_match_flop_counter(model, monkeypatch):
         {"mode": "full"},
         {**early, "exit_layer": 2, "context": "propagate"},
         {**early, "exit_layer": 1, "context": "routed"},
+        {**early, "exit_layer": 2, "capacity": 1},
+        {**early, "exit_layer": 1, "context": "routed", "capacity": 2},
         {"mode": "self-speculative", "exit_layer": 2, "draft_tokens": 3},
         {"mode": "self-speculative", "exit_layer": 2, "temperature": 1.0},
     ]
@@ -286,6 +313,9 @@ def test_self_speculative_sampling_follows_the_full_model():
 # ----------------------------------------------------------------------------- bad input
 
 
+EARLY = {"mode": "early-exit", "exit_layer": 2, "threshold": 0.5}
+
+
 @pytest.mark.parametrize(
     ("kwargs", "name"),
     [
@@ -312,6 +342,13 @@ def test_self_speculative_sampling_follows_the_full_model():
         ({"attention_mask": torch.tensor([[1] * 7, [0] * 7, [1] * 7])}, "attention_mask"),
         ({"attention_mask": torch.tensor([[1] * 7, [1, 0] + [1] * 5, [1] * 7])}, "left padding"),
         ({"attention_mask": torch.full((3, 7), 0.5)}, "attention_mask"),
+        ({**EARLY, "capacity": 0}, "capacity"),
+        ({**EARLY, "capacity": -2}, "capacity"),
+        ({**EARLY, "capacity": 1.5}, "capacity"),
+        ({**EARLY, "capacity": True}, "capacity"),
+        ({**EARLY, "capacity": "2"}, "capacity"),
+        ({"capacity": 2}, "capacity"),
+        ({"mode": "self-speculative", "exit_layer": 2, "capacity": 2}, "capacity"),
     ],
 )
 def test_bad_input_names_the_argument(model, kwargs, name):
@@ -359,3 +396,218 @@ def test_one_new_token_is_the_prefill_alone(model):
     )
     assert torch.equal(spec.new_tokens, full.new_tokens) and spec.stats.decode_steps == 1
     assert spec.stats.acceptance_rate is None and spec.stats.flops == full.stats.flops
+
+
+# ----------------------------------------------------------------------------- capacity
+
+GREEDY = Sampler(0.0, None, None, None)
+CUDA = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
+
+
+@pytest.fixture(scope="module")
+def threshold(model) -> float:
+    """About half of the ragged batch's tokens exit at layer 2 (full-depth continuations)."""
+    ids, mask = ragged_batch()
+    return median_threshold(
+        model, model.generate(ids, max_new_tokens=NEW, attention_mask=mask).tokens, mask
+    )
+
+
+def prefilled(model, ids, mask, routing, sampler=GREEDY) -> tuple[Decoder, torch.Tensor]:
+    """A decoder whose cache holds the prompts (``early_exit_prefill``, as ``generate``
+    starts), and each row's first new token."""
+    real = check_mask(ids, mask)
+    dec = Decoder(model, (~real).sum(1), ids.shape[1] + NEW)
+    return dec, early_exit_prefill(dec, ids.masked_fill(~real, 0), real, sampler, routing).token
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+@pytest.mark.parametrize("context", ["propagate", "routed"])
+def test_decode_step_with_a_capacity_makes_no_host_synchronization(
+    model, threshold, context, temperature
+):
+    ids, mask = ragged_batch()
+    sampler = Sampler(temperature, 20, 0.9, torch.Generator().manual_seed(0))
+    routing = Routing(2, threshold, "max_prob", context, capacity=2)
+    dec, token = prefilled(model, ids, mask, routing, sampler)
+    for _ in range(3):
+        with SyncCounter() as syncs:
+            token = early_exit_step(dec, token, sampler, routing).token
+        assert syncs.scalar_reads == 0 and syncs.dynamic_shapes == 0, syncs.ops
+    with SyncCounter() as syncs:  # without: the attended width, the layout's, route's nonzero
+        early_exit_step(dec, token, sampler, routing._replace(capacity=None))
+    assert syncs.scalar_reads == 2 and syncs.ops["aten.nonzero.default"] >= 1
+
+
+def test_early_exit_loop_reads_the_device_only_to_stop_at_eos(model, threshold):
+    """With a capacity, the host reads of a ``generate`` call do not grow with the number
+    of steps (the prompt's routing and the statistics only), and with ``eos_id`` by one
+    per step (``out.done``)."""
+    ids, mask = ragged_batch()
+    kwargs = {"attention_mask": mask, "mode": "early-exit", "exit_layer": 2, "capacity": 1}
+
+    def reads(max_new_tokens: int, **more: object) -> int:
+        with SyncCounter() as syncs:
+            model.generate(
+                ids, max_new_tokens=max_new_tokens, threshold=threshold, **kwargs, **more
+            )
+        return syncs.total
+
+    assert reads(3) == reads(NEW)
+    emitted = model.generate(ids, max_new_tokens=NEW, threshold=threshold, **kwargs).new_tokens
+    eos = next(t for t in range(V) if t not in emitted)  # never emitted: every row runs NEW steps
+    assert reads(NEW, eos_id=eos) - reads(3, eos_id=eos) == NEW - 3
+
+
+@pytest.mark.parametrize("context", ["propagate", "routed"])
+def test_a_capacity_of_the_batch_changes_nothing(model, threshold, context):
+    """Capacity >= batch: the tokens of decoding without one (greedy, rows ending at
+    different steps; sampled with one generator), and teacher-forced
+    ``early_exit(..., capacity=...)``'s predictions with room for every token."""
+    ids, mask = ragged_batch()
+    kwargs = {"mode": "early-exit", "exit_layer": 2, "context": context, "threshold": threshold}
+    eos = eos_that_ends_rows_apart(model, ids, mask, **kwargs)
+    kwargs |= {"attention_mask": mask, "max_new_tokens": NEW}
+    free = model.generate(ids, eos_id=eos, **kwargs)
+    assert 0.2 < free.stats.exit_ratio < 0.8 and free.stats.overflow_tokens is None
+    for capacity in (3, 8):
+        capped = model.generate(ids, eos_id=eos, capacity=capacity, **kwargs)
+        assert torch.equal(capped.new_tokens, free.new_tokens)
+        assert capped.stats.overflow_tokens == 0
+        assert capped.stats.exited_tokens == free.stats.exited_tokens
+    for b, seq in enumerate(rows(capped.tokens, mask)):
+        new = capped.new_tokens[b].tolist()
+        prompt_len, count = int(mask[b].sum()), new.index(eos) + 1 if eos in new else NEW
+        teacher = model.early_exit(
+            seq[None], exit_layer=2, threshold=threshold, context=context, capacity=seq.numel()
+        )
+        assert torch.equal(teacher.stats.overflow, torch.tensor(0))
+        got = teacher.prediction[0, prompt_len - 1 : prompt_len - 1 + count]
+        assert torch.equal(got, capped.new_tokens[b, :count])
+    draws = [
+        model.generate(
+            ids, temperature=1.0, generator=torch.Generator().manual_seed(0), capacity=c, **kwargs
+        ).new_tokens
+        for c in (None, 3)
+    ]
+    assert torch.equal(*draws)
+
+
+@pytest.mark.parametrize("context", ["propagate", "routed"])
+def test_rows_past_the_capacity_exit(model, context):
+    """One step where every row is hard (threshold above 1), capacity 1: row 0 runs the
+    deeper layers (the token of a step without a capacity), rows 1 and 2 emit the exit's
+    token (that of a step where everyone exits) and their deeper keys/values are an exited
+    token's: from the exit-layer state (propagate) or none (routed)."""
+    ids, mask = ragged_batch()
+    hard = Routing(2, 1.5, "max_prob", context)
+    (capped, token), (deep, _), (exited, _) = (prefilled(model, ids, mask, hard) for _ in range(3))
+    got = early_exit_step(capped, token, GREEDY, hard._replace(capacity=1))
+    want_deep = early_exit_step(deep, token, GREEDY, hard)
+    want_exit = early_exit_step(exited, token, GREEDY, hard._replace(threshold=0.0))
+    assert got.overflow.tolist() == got.exited.tolist() == [False, True, True]
+    assert got.token[0] == want_deep.token[0] and torch.equal(got.token[1:], want_exit.token[1:])
+    assert not torch.equal(want_deep.token, want_exit.token)  # the test can fail
+    exited_rows = torch.tensor([1, 2])
+    cols = capped.cache.length[exited_rows] - 1  # the column the step wrote
+    for layer in range(2, LAYERS):  # the layers after the exit (0-based)
+        for store in ("keys", "values"):
+            got, want = (
+                getattr(dec.cache, store)[layer][exited_rows, cols] for dec in (capped, exited)
+            )
+            assert torch.equal(got, want)
+            assert (context == "routed") == (not got.any())  # routed: none (zeros)
+    if context == "routed":
+        assert not capped.cache.deep[exited_rows, cols].any()
+
+
+def capped_teacher_forced(model, tokens, mask, threshold, context, capacity):
+    """Teacher-forced two-stage inference on ``tokens [B, T + N]`` (prompts ``mask``, then
+    what decoding generated) with the hard set that decoding with ``capacity`` leaves: the
+    prompt tokens below the threshold (the prefill has no capacity), then at each decode
+    step (the generated columns but the last, one per step) the first ``capacity`` hard
+    rows in row order. Per row ``run_layers_routed`` (checked against running every layer
+    on all tokens in ``test_model``) and the exit's prediction for the other tokens.
+    Returns the predictions after each row's prompt ``[B, N]`` and how many hard generated
+    tokens the capacity made exit."""
+    seqs, prompt = rows(tokens, mask), mask.shape[1]
+    real = torch.cat([mask, mask.new_ones(mask.shape[0], tokens.shape[1] - prompt)], 1)
+    states = [model.run_layers(model.embed(seq[None]), 1, 2) for seq in seqs]
+    confidence = torch.full(tokens.shape, math.inf, dtype=torch.float64)
+    for b, h in enumerate(states):
+        confidence[b, real[b]] = model.exit_confidence(h, exit_layer=2).confidence[0]
+    hard = confidence < threshold
+    stepped = hard[:, prompt:-1].clone()
+    kept = stepped & (stepped.long().cumsum(0) <= capacity)
+    hard[:, prompt:-1] = kept
+    predictions = []
+    for b, h in enumerate(states):
+        row_hard = hard[b, real[b]][None]
+        deep = model.run_layers_routed(h, row_hard, 3, LAYERS, context=context)
+        exit_prediction = model.exit_confidence(h, exit_layer=2).prediction
+        prediction = torch.where(row_hard, model.exit_confidence(deep).prediction, exit_prediction)
+        predictions.append(prediction[0, int(mask[b].sum()) - 1 : -1])
+    return torch.stack(predictions), int((stepped & ~kept).sum())
+
+
+@pytest.mark.parametrize("context", ["propagate", "routed"])
+def test_decoding_with_a_small_capacity_equals_teacher_forced_capped_routing(
+    model, threshold, context
+):
+    ids, mask = ragged_batch()
+    kwargs = {"attention_mask": mask, "mode": "early-exit", "exit_layer": 2, "context": context}
+    kwargs |= {"max_new_tokens": NEW, "threshold": threshold}
+    capped = model.generate(ids, capacity=1, **kwargs)
+    want, overflow = capped_teacher_forced(model, capped.tokens, mask, threshold, context, 1)
+    assert torch.equal(capped.new_tokens, want)
+    assert capped.stats.overflow_tokens == overflow > 0
+    assert capped.stats.exited_tokens > overflow
+    assert not torch.equal(capped.new_tokens, model.generate(ids, **kwargs).new_tokens)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU and LEGO_TEST_CUDA=1 (interpreter off)")
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+@pytest.mark.parametrize("context", ["propagate", "routed"])
+def test_decode_step_with_a_capacity_in_a_cuda_graph(context, backend):
+    """Capture one decode step (greedy, capacity 1 of 3 rows), replay it step after step
+    feeding its own token back: tokens, exits, overflows and the cache equal eager steps
+    from the same prefill (float32)."""
+    model = peaked_model().float().cuda()
+    ids, mask = (t.cuda() for t in ragged_batch())
+    routing = Routing(2, 0.3, "max_prob", context, capacity=1)
+    with ops.use_backend(backend):
+        (eager, token), (replayed, _), (scratch, _) = (
+            prefilled(model, ids, mask, routing) for _ in range(3)
+        )
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm up (Triton compiles) outside the capture
+            for _ in range(2):
+                early_exit_step(scratch, token, GREEDY, routing)
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.set_sync_debug_mode("error")  # a synchronizing CUDA call raises
+        try:
+            early_exit_step(scratch, token, GREEDY, routing)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        static = token.clone()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = early_exit_step(replayed, static, GREEDY, routing)
+        overflows = 0
+        for _ in range(NEW - 1):
+            want = early_exit_step(eager, token, GREEDY, routing)
+            graph.replay()
+            for got, ref in zip(captured, want, strict=True):
+                assert torch.equal(got, ref)
+            overflows += int(want.overflow.sum())
+            token = want.token
+            static.copy_(captured.token)
+        torch.cuda.synchronize()
+        assert overflows > 0  # the capacity mattered
+        assert torch.equal(replayed.cache.length, eager.cache.length)
+        assert torch.equal(replayed.cache.deep, eager.cache.deep)
+        stores = [dec.cache.keys + dec.cache.values for dec in (replayed, eager)]
+        for got, ref in zip(*stores, strict=True):
+            assert (got - ref).double().norm() <= 1e-5 * ref.double().norm()
