@@ -43,11 +43,15 @@ Who runs the pass: on the CPU ("torch" backend) torch's own kernels (a blocked m
 in place, a gather of the target logit; :func:`_torch_pass`); on CUDA, and on CPU tensors under
 ``TRITON_INTERPRET=1``, the Triton kernels of :mod:`lego_kernels.head` (:func:`head.logits_pass`),
 which are imported lazily so that this module works without Triton; the norm likewise (the
-reference's, differentiated by autograd per chunk, or the Triton norm kernels). The GEMMs run in
-the head's dtype with autocast off: the compute dtype on the CPU (float32 for 16-bit inputs), and
-on CUDA the inputs' dtype or, for float32 inputs under autocast, autocast's (``lego_kernels.ops``
-passes it). The functions take validated, flattened, contiguous tensors (``lego_kernels.ops``
-checks) and never synchronize with the host.
+reference's with its row statistics and the backward formula of :func:`norm_rows_backward`, or the
+Triton norm kernels). The GEMMs run in the head's dtype with autocast off: the compute dtype on the
+CPU (float32 for 16-bit inputs), and on CUDA the inputs' dtype or, for float32 inputs under
+autocast, autocast's (``lego_kernels.ops`` passes it). The functions take validated, flattened,
+contiguous tensors (``lego_kernels.ops`` checks) and never synchronize with the host; no autograd
+runs in them: ``lego_kernels.library`` wraps them as ``torch.library`` custom ops
+(``lego_kernels::chunked_cross_entropy`` for ``mean``/``sum``, whose backward is
+:func:`cross_entropy_backward`; ``lego_kernels::norm_head_cross_entropy`` and its backward op for
+``none``) with their gradient formulas.
 """
 
 from __future__ import annotations
@@ -114,7 +118,8 @@ def _torch_pass(
     """
     rows = torch.arange(zp.shape[0], device=zp.device)
     counted = targets >= 0
-    target_logit = zp[rows, targets.clamp(min=0)]
+    safe_targets = targets.clamp(min=0)
+    target_logit = zp[rows, safe_targets]
     if measure is None:
         top, prediction = zp.amax(1), None
     else:
@@ -138,7 +143,7 @@ def _torch_pass(
     elif measure == "entropy":
         confidence = _normalized_entropy(zp, vocab)
     if grad:
-        zp[rows[counted], targets[counted]] -= 1.0
+        zp[rows, safe_targets] -= counted.to(zp.dtype)  # no mask indexing: no host sync
     return lse, loss, confidence, prediction
 
 
@@ -169,20 +174,20 @@ def _pass(
 # ----------------------------------------------------------------------------- the chunk walk
 
 
-def _norm_chunk(
+def norm_rows(
     x: Tensor,
     norm_weight: Tensor | None,
     norm_bias: Tensor | None,
     norm: str | None,
     eps: float,
-    needs: tuple[bool, bool, bool],
     use_triton: bool,
 ) -> tuple[Tensor, object]:
-    """``h = norm(x)`` of one chunk ``[c, D]``, and what its backward needs (``needs``: the
-    gradients of x, norm_weight and norm_bias).
+    """``h = norm(x)`` of rows ``x [c, D]``, and the row statistics its backward needs.
 
-    Triton: the norm kernels (h in x's dtype, row statistics for the backward). torch: the
-    reference's norm (compute dtype), recorded by autograd when a gradient is needed.
+    Triton: the norm kernels (h in x's dtype, statistics ``[2, c]`` float32). torch: the
+    reference's norm in the compute dtype, with its ``(mean, rstd)`` (no autograd: custom ops
+    run below it, so :func:`norm_rows_backward` has the formula). ``norm=None``: ``h`` is ``x``
+    (in the compute dtype on the torch path), no statistics.
     """
     if norm is None:
         return x if use_triton else x.to(reference.compute_dtype(x.dtype)), None
@@ -190,40 +195,50 @@ def _norm_chunk(
         from lego_kernels import head
 
         return head._norm_forward(x, norm_weight, norm_bias, norm == "rms", eps)
-    if not any(needs):
-        return reference.apply_norm(x, norm_weight, norm_bias, norm, eps), None
-    dtype = reference.compute_dtype(x.dtype)
-    leaves = [
-        None if t is None else t.detach().to(t.dtype if i == 0 else dtype).requires_grad_(need)
-        for i, (t, need) in enumerate(zip((x, norm_weight, norm_bias), needs, strict=True))
-    ]
-    with torch.enable_grad():
-        h = reference.apply_norm(*leaves, norm, eps)
-    return h.detach(), (h, leaves)
+    h, mean, rstd = reference.apply_norm_with_stats(x, norm_weight, norm_bias, norm, eps)
+    return h, (mean, rstd)
 
 
-def _norm_chunk_backward(
+def norm_rows_backward(
     dh: Tensor,
     x: Tensor,
     norm_weight: Tensor | None,
     norm_bias: Tensor | None,
     norm: str | None,
-    state: object,
+    stats: object,
     needs: tuple[bool, bool, bool],
     use_triton: bool,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """``(dx, d norm_weight, d norm_bias)`` of one chunk from ``dh``, where ``needs`` says;
-    the last two are the chunk's float32 sums (or the compute dtype's)."""
+    """``(dx, d norm_weight, d norm_bias)`` of :func:`norm_rows` from ``dh [c, D]``, where
+    ``needs`` says; dx in x's dtype, the other two as float32 sums (the compute dtype's).
+
+    The torch path, with ``xhat = (x - mean) * rstd`` and ``g = dh * norm_weight``::
+
+        dx = rstd * (g - xhat * mean(g * xhat) - mean(g))    (the mean(g) term for layer only)
+        d norm_weight = sum_rows(dh * xhat),    d norm_bias = sum_rows(dh)
+    """
     if norm is None:
         return dh.to(x.dtype), None, None
     if use_triton:
         from lego_kernels import head
 
-        return head._norm_backward(dh, x, norm_weight, norm_bias, state, norm == "rms", needs)
-    h, leaves = state
-    wanted = [t for t, need in zip(leaves, needs, strict=True) if need]
-    grads = iter(torch.autograd.grad(h, wanted, dh))
-    return tuple(next(grads) if need else None for need in needs)
+        return head._norm_backward(dh, x, norm_weight, norm_bias, stats, norm == "rms", needs)
+    need_dx, need_dw, need_db = needs
+    mean, rstd = stats
+    xf = x.to(rstd.dtype)
+    xhat = (xf if mean is None else xf - mean) * rstd
+    dx = dw = db = None
+    if need_dx:
+        g = dh if norm_weight is None else dh * norm_weight.to(dh.dtype)
+        dx = g - xhat * (g * xhat).mean(-1, keepdim=True)
+        if mean is not None:
+            dx = dx - g.mean(-1, keepdim=True)
+        dx = (dx * rstd).to(x.dtype)
+    if need_dw:
+        dw = (dh * xhat).sum(0)
+    if need_db:
+        db = dh.sum(0)
+    return dx, dw, db
 
 
 def cross_entropy_forward(
@@ -275,7 +290,7 @@ def cross_entropy_forward(
         for start in range(0, N, step):
             rows = slice(start, min(start + step, N))
             x_c = x[rows]
-            h, state = _norm_chunk(x_c, norm_weight, norm_bias, norm, eps, norm_needs, use_triton)
+            h, stats = norm_rows(x_c, norm_weight, norm_bias, norm, eps, use_triton)
             h = h.to(weight.dtype)
             zp = buffer[: rows.stop - start]
             z = zp[:, :V]
@@ -293,8 +308,8 @@ def cross_entropy_forward(
                 dw = torch.mm(z.T, scaled_h) if dw is None else dw.addmm_(z.T, scaled_h)
             if need_dh:
                 dh = torch.mm(z, weight).mul_(scale)
-                dx_c, dnw_c, dnb_c = _norm_chunk_backward(
-                    dh, x_c, norm_weight, norm_bias, norm, state, norm_needs, use_triton
+                dx_c, dnw_c, dnb_c = norm_rows_backward(
+                    dh, x_c, norm_weight, norm_bias, norm, stats, norm_needs, use_triton
                 )
                 if need_dx:
                     dx[rows] = dx_c
@@ -316,83 +331,19 @@ def cross_entropy_backward(
     """Apply the upstream scalar ``grad`` of ``sum_i coef_i loss_i`` to what the forward made.
 
     ``forward_grads``: the gradients :func:`cross_entropy_forward` returned (and the per-token
-    losses, the gradient of the loss w.r.t. ``coef``). Each is scaled in place (its memory
-    becomes the gradient; a second backward through the same graph is an error, not a wrong
-    result); ``None`` stays ``None``.
+    losses, the gradient of the loss w.r.t. ``coef``); ``None`` stays ``None``. Eager tensors
+    are scaled in place (their memory becomes the gradient; a second backward through the same
+    graph is an error, not a wrong result). While a compiler traces the backward (its tensors
+    are then not plain ``torch.Tensor`` s: AOTAutograd's functional tensors), out of place: a
+    traced graph must not mutate the tensors saved by its forward.
     """
-    return tuple(None if g is None else g.mul_(grad) for g in forward_grads)
+    return tuple(
+        None if g is None else g.mul_(grad) if type(g) is Tensor else g * grad
+        for g in forward_grads
+    )
 
 
-class _ChunkedCrossEntropy(torch.autograd.Function):
-    """``sum_i coef_i loss_i`` with the gradients computed in the forward (scalar upstream)."""
-
-    @staticmethod
-    def forward(
-        ctx,
-        x: Tensor,
-        weight: Tensor,
-        norm_weight: Tensor | None,
-        norm_bias: Tensor | None,
-        targets: Tensor,
-        coef: Tensor,
-        norm: str | None,
-        eps: float,
-        measure: str | None,
-        needs: tuple[bool, bool, bool, bool, bool],
-        use_triton: bool,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        loss, lse, conf, pred, *grads = cross_entropy_forward(
-            x, weight, norm_weight, norm_bias, targets, coef, norm, eps, measure, needs[:4],
-            use_triton,
-        )  # fmt: skip
-        ctx.save_for_backward(*grads, loss if needs[4] else None)
-        ctx.mark_non_differentiable(lse, conf, pred)
-        return (loss * coef).sum(), lse, conf, pred
-
-    @staticmethod
-    def backward(ctx, grad: Tensor, *_unused: Tensor) -> tuple[Tensor | None, ...]:
-        dx, dw, dnw, dnb, dcoef = cross_entropy_backward(grad, *ctx.saved_tensors)
-        return dx, dw, dnw, dnb, None, dcoef, None, None, None, None, None
-
-
-class _ChunkedTokenCrossEntropy(torch.autograd.Function):
-    """Per-token losses (``reduction="none"``); backward recomputes the chunks (exact)."""
-
-    @staticmethod
-    def forward(
-        ctx,
-        x: Tensor,
-        weight: Tensor,
-        norm_weight: Tensor | None,
-        norm_bias: Tensor | None,
-        targets: Tensor,
-        norm: str | None,
-        eps: float,
-        measure: str | None,
-        use_triton: bool,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        loss, lse, conf, pred, *_ = cross_entropy_forward(
-            x, weight, norm_weight, norm_bias, targets, None, norm, eps, measure,
-            (False, False, False, False), use_triton,
-        )  # fmt: skip
-        ctx.save_for_backward(x, weight, norm_weight, norm_bias, targets)
-        ctx.config = (norm, eps, use_triton)
-        ctx.mark_non_differentiable(lse, conf, pred)
-        return loss, lse, conf, pred
-
-    @staticmethod
-    def backward(ctx, grad: Tensor, *_unused: Tensor) -> tuple[Tensor | None, ...]:
-        x, weight, norm_weight, norm_bias, targets = ctx.saved_tensors
-        norm, eps, use_triton = ctx.config
-        coef = torch.where(targets >= 0, grad, 0.0)  # an ignored token's loss is a constant 0
-        *_, dx, dw, dnw, dnb = cross_entropy_forward(
-            x, weight, norm_weight, norm_bias, targets, coef, norm, eps, None,
-            tuple(ctx.needs_input_grad[:4]), use_triton,
-        )  # fmt: skip
-        return dx, dw, dnw, dnb, None, None, None, None, None
-
-
-# ----------------------------------------------------------------------------- entry points
+# ----------------------------------------------------------------------------- the loss
 
 
 def counted_tokens(targets: Tensor, ignore_index: int, vocab: int) -> Tensor:
@@ -402,6 +353,12 @@ def counted_tokens(targets: Tensor, ignore_index: int, vocab: int) -> Tensor:
     (a host synchronization); they count as ignored.
     """
     return (targets != ignore_index) & (targets >= 0) & (targets < vocab)
+
+
+def walk_targets(targets: Tensor, ignore_index: int, vocab: int) -> Tensor:
+    """``targets`` as :func:`cross_entropy_forward` takes them: -1 for the tokens that do not
+    count (:func:`counted_tokens`)."""
+    return torch.where(counted_tokens(targets, ignore_index, vocab), targets, -1)
 
 
 def loss_coefficients(
@@ -441,7 +398,7 @@ def reduce_losses(
     ).sum()
 
 
-def _gemm_weight(weight: Tensor, x: Tensor, dtype: torch.dtype | None, use_triton: bool) -> Tensor:
+def gemm_weight(weight: Tensor, x: Tensor, dtype: torch.dtype | None, use_triton: bool) -> Tensor:
     """The head in the GEMMs' dtype (a differentiable cast): ``dtype`` if given, else x's on the
     Triton path and the compute dtype (float32 for 16-bit inputs) on the torch path."""
     if dtype is None:
@@ -462,62 +419,13 @@ def exit_confidence(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(confidence, prediction, lse)`` ``[N]`` each of ``norm(x) @ weight.T``; x ``[N, D]``.
 
-    ``dtype``: the GEMMs' dtype (see :func:`_gemm_weight`). No gradient.
+    ``dtype``: the GEMMs' dtype (see :func:`gemm_weight`). No gradient.
     """
     with torch.no_grad():
-        w = _gemm_weight(weight, x, dtype, use_triton)
+        w = gemm_weight(weight, x, dtype, use_triton)
         no_targets = torch.full((x.shape[0],), -1, dtype=torch.int64, device=x.device)
         _, lse, conf, pred, *_ = cross_entropy_forward(
             x, w, norm_weight, norm_bias, no_targets, None, norm, eps, measure,
             (False, False, False, False), use_triton,
         )  # fmt: skip
     return conf, pred, lse
-
-
-def norm_head_cross_entropy(
-    x: Tensor,
-    weight: Tensor,
-    targets: Tensor,
-    norm_weight: Tensor | None,
-    norm_bias: Tensor | None,
-    norm: str | None,
-    eps: float,
-    ignore_index: int,
-    reduction: str,
-    token_weights: Tensor | None,
-    return_confidence: bool,
-    measure: str,
-    use_triton: bool,
-    dtype: torch.dtype | None = None,
-) -> Tensor | tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
-    """Cross-entropy of ``norm(x) @ weight.T`` over token chunks; the arguments of ``head``'s.
-
-    x ``[N, D]``, weight ``[V, D]``, targets int64 ``[N]``, token_weights ``[N]`` or None
-    (differentiable). ``dtype``: the GEMMs' dtype (see :func:`_gemm_weight`). Returns the loss
-    (float32, float64 for float64 inputs; a scalar, or ``[N]`` for ``reduction="none"``), with
-    ``(confidence, prediction, lse)`` when ``return_confidence``.
-    """
-    w = _gemm_weight(weight, x, dtype, use_triton)
-    counted = counted_tokens(targets, ignore_index, weight.shape[0])
-    safe_targets = torch.where(counted, targets, -1)
-    code = measure if return_confidence else None
-    if reduction == "none":
-        loss, lse, conf, pred = _ChunkedTokenCrossEntropy.apply(
-            x, w, norm_weight, norm_bias, safe_targets, norm, eps, code, use_triton
-        )
-        loss = reduce_losses(loss, targets, ignore_index, w.shape[0], "none", token_weights)
-    else:
-        coef = loss_coefficients(
-            counted, token_weights, reduction, reference.compute_dtype(w.dtype)
-        )
-        grad_on = torch.is_grad_enabled()
-        needs = tuple(
-            grad_on and t is not None and t.requires_grad for t in (x, w, norm_weight, norm_bias)
-        )
-        loss, lse, conf, pred = _ChunkedCrossEntropy.apply(
-            x, w, norm_weight, norm_bias, safe_targets, coef, norm, eps, code,
-            (*needs, coef.requires_grad), use_triton,
-        )  # fmt: skip
-    if return_confidence:
-        return loss, (conf, pred, lse)
-    return loss

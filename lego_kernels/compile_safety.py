@@ -84,7 +84,19 @@ class SyncCounter(TorchDispatchMode):
             self.dynamic_shapes += 1
         if kind is not None:
             self.ops[str(func)] += 1
+        if func.namespace == "lego_kernels":
+            return self._run_inside(func, args, kwargs or {})
         return func(*args, **(kwargs or {}))
+
+    def _run_inside(self, func: torch._ops.OpOverload, args: tuple, kwargs: dict) -> Any:
+        """Run a ``lego_kernels`` custom op with this counter active inside it, so that the
+        aten ops of its implementation are counted too (a mode sees a custom op as one call,
+        and is suspended while it handles it): the op's kernel for the tensors' device is
+        called directly, under this mode again."""
+        cuda = any(isinstance(a, torch.Tensor) and a.is_cuda for a in (*args, *kwargs.values()))
+        key = torch._C.DispatchKey.CUDA if cuda else torch._C.DispatchKey.CPU
+        with self:
+            return func.redispatch(torch._C.DispatchKeySet(key), *args, **kwargs)
 
 
 def counting_backend(counter: SyncCounter) -> Callable:

@@ -1,8 +1,9 @@
 r"""Triton kernels for the fused norm + exit head of an early-exit Transformer.
 
 Every exit computes ``h = norm(x)`` and ``z = h @ W.T`` (``x: [N, D]``, ``W: [V, D]``) and turns
-the logits ``z`` into a loss or a confidence. The ``N x V`` logits are never stored here except by
-:func:`norm_head_logits`, whose output they are.
+the logits ``z`` into a loss or a confidence. The ``N x V`` logits are never stored here (the
+exit-head logits op, whose output they are, is the norm kernels and a cuBLAS GEMM in
+``lego_kernels.library``).
 
 Norm (one program per block of rows; the statistics are saved for backward)::
 
@@ -62,9 +63,7 @@ fused backward's gradients vary in the last bits from run to run, which is why
 ``lego_kernels.ops`` uses the chunked schedule under ``torch.use_deterministic_algorithms(True)``.
 G is rounded to the input dtype for the 16-bit dots. The norm backward kernel then turns dh into
 dx, d norm_weight and d norm_bias. Recomputing the logits costs a fourth GEMM: forward + backward
-take 8NDV FLOPs where the chunked schedule takes 6NDV. :func:`norm_head_logits` (whose ``N x V``
-output exists anyway) uses cuBLAS through ``torch.nn.functional.linear`` for the GEMM and its
-gradients, and the norm kernels around it.
+take 8NDV FLOPs where the chunked schedule takes 6NDV.
 
 Precision: 16-bit inputs use the tensor-core ``tl.dot`` with float32 accumulation; float32 inputs
 use TF32 only when ``torch.get_float32_matmul_precision()`` allows it (not "highest"), as torch's
@@ -74,8 +73,10 @@ operands is wrong, so there the bfloat16 tiles are upcast to float32 before the 
 on a GPU the bfloat16 tensor-core dot runs as is.
 
 The functions here take validated, contiguous 2-D tensors (``lego_kernels.ops`` checks and
-flattens) and never synchronize with the host. Tile sizes live in :data:`BLOCKS`; replace it to
-tune, e.g. ``head.BLOCKS = dataclasses.replace(head.BLOCKS, block_n=256)``.
+flattens), never synchronize with the host and record no autograd graph: ``lego_kernels.library``
+wraps them as ``torch.library`` custom ops with their gradient formulas. Tile sizes live in
+:data:`BLOCKS`; replace it to tune, e.g.
+``head.BLOCKS = dataclasses.replace(head.BLOCKS, block_n=256)``.
 """
 
 import dataclasses
@@ -83,7 +84,6 @@ import functools
 import math
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -378,49 +378,6 @@ def _norm_backward(
     dw = dw_part.sum(0) if need_dw else None
     db = db_part.sum(0) if need_db else None
     return dx, dw, db
-
-
-class _Norm(torch.autograd.Function):
-    """h = norm(x) with the Triton kernels; backward reuses the saved row statistics."""
-
-    @staticmethod
-    def forward(
-        ctx,
-        x: Tensor,
-        norm_weight: Tensor | None,
-        norm_bias: Tensor | None,
-        is_rms: bool,
-        eps: float,
-    ) -> Tensor:
-        h, stats = _norm_forward(x, norm_weight, norm_bias, is_rms, eps)
-        ctx.save_for_backward(x, norm_weight, norm_bias, stats)
-        ctx.is_rms = is_rms
-        return h
-
-    @staticmethod
-    def backward(ctx, dh: Tensor) -> tuple[Tensor | None, ...]:
-        x, norm_weight, norm_bias, stats = ctx.saved_tensors
-        dx, dw, db = _norm_backward(
-            dh.contiguous(),
-            x,
-            norm_weight,
-            norm_bias,
-            stats,
-            ctx.is_rms,
-            tuple(ctx.needs_input_grad[:3]),
-        )
-        dw = None if dw is None else dw.to(norm_weight.dtype)
-        db = None if db is None else db.to(norm_bias.dtype)
-        return dx, dw, db, None, None
-
-
-def _apply_norm(
-    x: Tensor, norm_weight: Tensor | None, norm_bias: Tensor | None, norm: str | None, eps: float
-) -> Tensor:
-    """norm(x) [N, D] in x.dtype, differentiable; ``norm=None`` returns x itself."""
-    if norm is None:
-        return x
-    return _Norm.apply(x, norm_weight, norm_bias, norm == "rms", eps)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1138,58 +1095,9 @@ def _ce_backward(
     )
 
 
-class _HeadCrossEntropy(torch.autograd.Function):
-    """Per-token cross-entropy of h @ W.T without the N x V logits; optionally the confidence.
-
-    The per-token upstream gradient (the reduction's coefficients, computed by autograd) scales
-    G in the backward kernel, so every reduction and per-token weight is exact.
-    """
-
-    @staticmethod
-    def forward(
-        ctx,
-        h: Tensor,
-        weight: Tensor,
-        targets: Tensor,
-        ignore_index: int,
-        measure: int,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        lse, conf, pred, token_loss = _head_stats(h, weight, targets, ignore_index, measure)
-        # Targets outside [0, V) (not caught on CUDA, see ops) count as ignored.
-        counted = (targets != ignore_index) & (targets >= 0) & (targets < weight.shape[0])
-        ctx.save_for_backward(h, weight, targets, lse, counted)
-        ctx.mark_non_differentiable(conf, pred, lse)
-        return token_loss, conf, pred, lse
-
-    @staticmethod
-    def backward(ctx, grad_loss: Tensor, *_unused: Tensor) -> tuple[Tensor | None, ...]:
-        h, weight, targets, lse, counted = ctx.saved_tensors
-        coef = torch.where(counted, grad_loss, 0.0).float().contiguous()
-        dh, dw = _ce_backward(
-            h, weight, targets, lse, coef, ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        )
-        return dh, dw, None, None, None
-
-
 # ----------------------------------------------------------------------------------------------
-# Entry points called by lego_kernels.ops (validated, flattened, contiguous inputs)
+# Entry points called by lego_kernels.library (validated, flattened, contiguous inputs)
 # ----------------------------------------------------------------------------------------------
-
-
-def norm_head_logits(
-    x: Tensor,
-    weight: Tensor,
-    norm_weight: Tensor | None,
-    norm_bias: Tensor | None,
-    norm: str | None,
-    eps: float,
-) -> Tensor:
-    """Logits ``norm(x) @ weight.T``: x [N, D], weight [V, D] -> [N, V] in x.dtype.
-
-    Differentiable w.r.t. x, weight, norm_weight and norm_bias. The norm runs in Triton; the GEMM
-    (whose N x V output is the result) and its gradients use cuBLAS through ``F.linear``.
-    """
-    return F.linear(_apply_norm(x, norm_weight, norm_bias, norm, eps), weight)
 
 
 def exit_confidence(
@@ -1220,37 +1128,32 @@ def confidence_from_logits(logits: Tensor, measure: str) -> tuple[Tensor, Tensor
     return conf, pred, lse
 
 
-def norm_head_cross_entropy(
-    x: Tensor,
+def linear_cross_entropy(
+    h: Tensor, weight: Tensor, targets: Tensor, ignore_index: int, measure: str | None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-token cross-entropy of ``h @ weight.T`` without the N x V logits (the fused schedule's
+    forward): ``(loss, confidence, prediction, lse)`` [N] each, float32 (prediction int64).
+
+    h [N, D] and weight [V, D] in the dots' dtype, targets int64 [N]; the loss is 0 for ignored
+    tokens and targets outside [0, V); confidence and prediction are empty for ``measure=None``.
+    """
+    code = _MEASURE_CODES[measure] if measure else 0
+    lse, conf, pred, loss = _head_stats(h, weight, targets, ignore_index, code)
+    return loss, conf, pred, lse
+
+
+def linear_cross_entropy_backward(
+    h: Tensor,
     weight: Tensor,
     targets: Tensor,
-    norm_weight: Tensor | None,
-    norm_bias: Tensor | None,
-    norm: str | None,
-    eps: float,
     ignore_index: int,
-    reduction: str,
-    token_weights: Tensor | None,
-    return_confidence: bool,
-    measure: str,
-    dtype: torch.dtype | None = None,
-) -> Tensor | tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
-    """Cross-entropy of ``norm(x) @ weight.T`` against targets, without the N x V logits.
-
-    x [N, D], weight [V, D], targets int64 [N], token_weights [N] or None (differentiable).
-    ``dtype``: the dots' dtype (default x's). Returns the float32 loss (a scalar, or [N] for
-    ``reduction="none"``), with ``(confidence, prediction, lse)`` from the same pass when
-    ``return_confidence``. Backward computes only the gradients whose inputs require them (a
-    frozen head costs no dW).
-    """
-    h = _apply_norm(x, norm_weight, norm_bias, norm, eps)
-    if dtype is not None:
-        h, weight = h.to(dtype), weight.to(dtype)
-    code = _MEASURE_CODES[measure] if return_confidence else 0
-    token_loss, conf, pred, lse = _HeadCrossEntropy.apply(h, weight, targets, ignore_index, code)
-    loss = chunked.reduce_losses(
-        token_loss, targets, ignore_index, weight.shape[0], reduction, token_weights
-    )
-    if return_confidence:
-        return loss, (conf, pred, lse)
-    return loss
+    lse: Tensor,
+    grad_loss: Tensor,
+    need_h: bool,
+    need_w: bool,
+) -> tuple[Tensor | None, Tensor | None]:
+    """``(dh, dW)`` of :func:`linear_cross_entropy`'s losses for the upstream ``grad_loss [N]``
+    (the logit tiles recomputed, :func:`_ce_backward`), each only when required."""
+    counted = chunked.counted_tokens(targets, ignore_index, weight.shape[0])
+    coef = torch.where(counted, grad_loss, 0.0).float().contiguous()
+    return _ce_backward(h, weight, targets, lse, coef, need_h, need_w)

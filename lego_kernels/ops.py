@@ -1,6 +1,12 @@
 """Public functional API of ``lego_kernels``: validation and backend dispatch.
 
-Every op takes plain tensors and returns plain tensors; autograd works.
+Every op takes plain tensors and returns plain tensors; autograd works. Each validates its
+arguments here, resolves in Python what depends on Python-level state (the backend, the
+schedule, the GEMM dtype under autocast, which gradients are needed) and then calls the
+``torch.library`` custom ops of :mod:`lego_kernels.library` (``torch.ops.lego_kernels.*``), so
+that ``torch.compile(fullgraph=True)`` and ``torch.export`` see each call as a single node
+(with its fake implementation and registered gradient), never the kernels.
+
 Shapes: ``x [..., D]`` (any leading dims, flattened to N tokens), output head
 ``weight [V, D]`` (the ``nn.Linear`` layout), ``targets`` int64 ``[...]``.
 Inputs may be float32, bfloat16 or float16; statistics and losses are
@@ -34,7 +40,6 @@ the statistics (losses, lse, confidences) are accumulated in float32 either way.
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import os
 import sys
@@ -43,7 +48,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from lego_kernels import chunked, reference
+from lego_kernels import chunked, library, reference
 from lego_kernels.reference import MEASURES, NORMS, REDUCTIONS, Confidence, RoutePlan
 
 __all__ = [
@@ -243,7 +248,9 @@ def schedule(x: Tensor, weight: Tensor, *, grad: bool | None = None) -> str:
     if backend(x) == "torch":
         return "chunked"
     dtype = _gemm_dtype(x)
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+    # TF32 is off exactly when torch.get_float32_matmul_precision() is "highest"; this flag is
+    # the one that torch.compile can read (and guards on).
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
         return "chunked"
     if grad and torch.are_deterministic_algorithms_enabled():
         return "chunked"
@@ -262,11 +269,6 @@ def _check_fused_allowed(grad: bool) -> None:
             "float atomics, which torch.use_deterministic_algorithms(True) forbids; use "
             "ops.use_schedule('chunked') or 'auto' (which picks the deterministic schedule)"
         )
-
-
-def _on_device(t: Tensor) -> contextlib.AbstractContextManager:
-    """``t``'s CUDA device as the current device for the kernel launches (no-op otherwise)."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def _requires_grad(*tensors: Tensor | None) -> bool:
@@ -423,26 +425,25 @@ def norm_head_logits(
     norm: str | None = "rms",
     eps: float = 1e-6,
 ) -> Tensor:
-    """Exit-head logits ``norm(x) @ weight.T``: ``[..., V]`` in ``x.dtype``.
+    """Exit-head logits ``norm(x) @ weight.T``: ``[..., V]`` in ``x.dtype`` (under autocast on
+    the Triton backends: in autocast's dtype, as ``F.linear`` gives them).
 
     Differentiable w.r.t. ``x``, ``weight``, ``norm_weight`` and ``norm_bias``.
     This op materializes ``N x V`` by definition; use :func:`exit_confidence`
     or :func:`norm_head_cross_entropy` when you only need their results.
     """
     _check_head_args(x, weight, norm_weight, norm_bias, norm, eps)
-    if backend(x) == "torch":
-        return reference.norm_head_logits(x, weight, norm_weight, norm_bias, norm=norm, eps=eps)
-    from lego_kernels import head
-
-    with _on_device(x):
-        logits = head.norm_head_logits(
-            _flat(x),
-            weight.contiguous(),
-            _contiguous(norm_weight),
-            _contiguous(norm_bias),
-            norm,
-            eps,
-        )
+    kind = backend(x)
+    logits = library.norm_head_logits(
+        _flat(x),
+        weight.contiguous(),
+        _contiguous(norm_weight),
+        _contiguous(norm_bias),
+        norm,
+        eps,
+        kind != "torch",
+        _gemm_dtype(x) if kind != "torch" else None,
+    )
     return logits.reshape(*x.shape[:-1], weight.shape[0])
 
 
@@ -465,19 +466,9 @@ def exit_confidence(
     """
     _check_head_args(x, weight, norm_weight, norm_bias, norm, eps)
     check_choice("measure", measure, MEASURES)
-    kind, lead = backend(x), x.shape[:-1]
-    if schedule(x, weight, grad=False) == "fused":
-        if kind == "torch":
-            return reference.exit_confidence(
-                x, weight, norm_weight, norm_bias, norm=norm, eps=eps, measure=measure
-            )
-        from lego_kernels import head
-
-        run = head.exit_confidence
-    else:
-        run = functools.partial(chunked.exit_confidence, use_triton=kind != "torch")
-    with torch.no_grad(), _on_device(x):
-        out = run(
+    kind = backend(x)
+    with torch.no_grad():
+        out = library.exit_confidence(
             _flat(x),
             weight.contiguous(),
             _contiguous(norm_weight),
@@ -485,9 +476,11 @@ def exit_confidence(
             norm,
             eps,
             measure,
-            dtype=_gemm_dtype(x) if kind != "torch" else None,
+            schedule(x, weight, grad=False),
+            kind != "torch",
+            _gemm_dtype(x) if kind != "torch" else None,
         )
-    return Confidence(*(t.reshape(lead) for t in out))
+    return Confidence(*(t.reshape(x.shape[:-1]) for t in out))
 
 
 def confidence_from_logits(logits: Tensor, *, measure: str = "max_prob") -> Confidence:
@@ -496,15 +489,9 @@ def confidence_from_logits(logits: Tensor, *, measure: str = "max_prob") -> Conf
     check_choice("measure", measure, MEASURES)
     if logits.dim() < 1 or logits.shape[-1] < 1:
         raise ValueError(f"logits must be [..., V] with V >= 1, got shape {tuple(logits.shape)}")
-    if backend(logits) == "torch":
-        with torch.no_grad():
-            return reference.confidence_from_logits(logits, measure=measure)
-    from lego_kernels import head
-
-    lead = logits.shape[:-1]
-    with torch.no_grad(), _on_device(logits):
-        out = head.confidence_from_logits(_flat(logits), measure)
-    return Confidence(*(t.reshape(lead) for t in out))
+    with torch.no_grad():
+        out = library.confidence_from_logits(_flat(logits), measure, backend(logits) != "torch")
+    return Confidence(*(t.reshape(logits.shape[:-1]) for t in out))
 
 
 def norm_head_cross_entropy(
@@ -541,52 +528,46 @@ def norm_head_cross_entropy(
     if not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     _check_targets(targets, x, weight.shape[0], ignore_index, token_weights)
-    targets = targets.long()
-    kind, lead = backend(x), x.shape[:-1]
+    kind, lead, vocab = backend(x), x.shape[:-1], weight.shape[0]
+    use_triton = kind != "torch"
+    dtype = _gemm_dtype(x) if use_triton else None
     grad = _requires_grad(x, weight, norm_weight, norm_bias)
-    if schedule(x, weight, grad=grad) == "fused":
-        if kind == "torch":
-            return reference.norm_head_cross_entropy(
-                x,
-                weight,
-                targets,
-                norm_weight,
-                norm_bias,
-                norm=norm,
-                eps=eps,
-                ignore_index=ignore_index,
-                reduction=reduction,
-                token_weights=token_weights,
-                return_confidence=return_confidence,
-                measure=measure,
-            )
+    name = schedule(x, weight, grad=grad)
+    if name == "fused" and use_triton:
         _check_fused_allowed(grad)
-        from lego_kernels import head
-
-        run = head.norm_head_cross_entropy
-    else:
-        run = functools.partial(chunked.norm_head_cross_entropy, use_triton=kind != "torch")
-    with _on_device(x):
-        out = run(
-            _flat(x),
-            weight.contiguous(),
-            targets.reshape(-1).contiguous(),
-            _contiguous(norm_weight),
-            _contiguous(norm_bias),
-            norm,
-            eps,
-            ignore_index,
-            reduction,
-            None if token_weights is None else token_weights.reshape(-1),
-            return_confidence,
-            measure,
-            dtype=_gemm_dtype(x) if kind != "torch" else None,
+    flat_targets = targets.long().reshape(-1)
+    flat_weights = None if token_weights is None else token_weights.reshape(-1)
+    tensors = (
+        _flat(x),
+        weight.contiguous(),
+        flat_targets.contiguous(),
+        _contiguous(norm_weight),
+        _contiguous(norm_bias),
+    )
+    code = measure if return_confidence else None
+    if name == "chunked" and reduction != "none":
+        # One walk: the loss, and its gradients for an upstream gradient of 1 (see chunked).
+        counted = chunked.counted_tokens(flat_targets, ignore_index, vocab)
+        coef = chunked.loss_coefficients(
+            counted, flat_weights, reduction, reference.compute_dtype(dtype or x.dtype)
         )
-    if not return_confidence:
-        return out.reshape(lead) if reduction == "none" else out
-    loss, conf = out
+        needs = [
+            grad and t is not None and t.requires_grad for t in (x, weight, norm_weight, norm_bias)
+        ]
+        loss, _, lse, conf, pred, *_ = library.chunked_cross_entropy(
+            *tensors, coef, norm, eps, ignore_index, code, use_triton, dtype, needs
+        )
+    else:
+        token_loss, conf, pred, lse = library.norm_head_cross_entropy(
+            *tensors, norm, eps, ignore_index, code, name, use_triton, dtype
+        )
+        loss = chunked.reduce_losses(
+            token_loss, flat_targets, ignore_index, vocab, reduction, flat_weights
+        )
     loss = loss.reshape(lead) if reduction == "none" else loss
-    return loss, Confidence(*(t.reshape(lead) for t in conf))
+    if not return_confidence:
+        return loss
+    return loss, Confidence(*(t.reshape(lead) for t in (conf, pred, lse)))
 
 
 # ----------------------------------------------------------------------------- routing
@@ -663,12 +644,14 @@ def route(
             raise TypeError(f"capacity must be an int or None, got {type(capacity).__name__}")
         if capacity < 0:
             raise ValueError(f"capacity must be >= 0 (slots in plan.indices), got {capacity}")
-    if backend(confidence) == "torch":
-        return reference.route(confidence, threshold, capacity=capacity)
-    from lego_kernels import routing
-
-    with _on_device(confidence):
-        indices, count = routing.route(confidence.reshape(-1), threshold, capacity)
+    in_memory = isinstance(threshold, Tensor)
+    indices, count = library.route(
+        confidence.detach().reshape(-1),
+        0.0 if in_memory else threshold,
+        threshold if in_memory else None,
+        capacity,
+        backend(confidence) != "torch",
+    )
     return RoutePlan(indices, count, confidence.numel())
 
 
@@ -680,13 +663,8 @@ def gather_tokens(x: Tensor, plan: RoutePlan) -> Tensor:
     """
     check_floating("x", x)
     _check_plan(plan, "x", x)
-    if backend(x) == "torch":
-        return reference.gather_tokens(x, plan)
-    from lego_kernels import routing
-
     rows = x.reshape(plan.num_tokens, x.shape[-1])
-    with _on_device(x):
-        return routing.gather_tokens(rows, plan.indices.contiguous())
+    return library.gather_tokens(rows, plan.indices.contiguous(), backend(x) != "torch")
 
 
 def scatter_tokens(base: Tensor, src: Tensor, plan: RoutePlan) -> Tensor:
@@ -713,10 +691,6 @@ def scatter_tokens(base: Tensor, src: Tensor, plan: RoutePlan) -> Tensor:
     if src.dtype != base.dtype:
         raise TypeError(f"src is {src.dtype} but base is {base.dtype}; cast it: src.to(base.dtype)")
     check_same_device(base=base, src=src)
-    if backend(base) == "torch":
-        return reference.scatter_tokens(base, src, plan)
-    from lego_kernels import routing
-
     rows = base.reshape(plan.num_tokens, dim)
-    with _on_device(base):
-        return routing.scatter_tokens(rows, src, plan.indices.contiguous()).reshape(base.shape)
+    out = library.scatter_tokens(rows, src, plan.indices.contiguous(), backend(base) != "torch")
+    return out.reshape(base.shape)

@@ -74,21 +74,31 @@ def apply_norm(
 
     A ``None`` weight means 1 and a ``None`` bias means 0.
     """
+    return apply_norm_with_stats(x, norm_weight, norm_bias, norm, eps)[0]
+
+
+def apply_norm_with_stats(
+    x: Tensor,
+    norm_weight: Tensor | None,
+    norm_bias: Tensor | None,
+    norm: str | None,
+    eps: float,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """:func:`apply_norm` and its row statistics: ``(y, mean, rstd)``, ``mean`` and ``rstd``
+    ``[..., 1]`` in the compute dtype (``mean`` None for ``"rms"``, both None for ``None``)."""
     dtype = compute_dtype(x.dtype)
     x = x.to(dtype)
     if norm is None:
-        return x
-    if norm == "rms":
-        y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-    else:
-        mean = x.mean(-1, keepdim=True)
-        var = (x - mean).pow(2).mean(-1, keepdim=True)
-        y = (x - mean) * torch.rsqrt(var + eps)
+        return x, None, None
+    mean = None if norm == "rms" else x.mean(-1, keepdim=True)
+    centered = x if mean is None else x - mean
+    rstd = torch.rsqrt(centered.pow(2).mean(-1, keepdim=True) + eps)
+    y = centered * rstd
     if norm_weight is not None:
         y = y * norm_weight.to(dtype)
     if norm_bias is not None:
         y = y + norm_bias.to(dtype)
-    return y
+    return y, mean, rstd
 
 
 def norm_head_logits(
@@ -164,14 +174,74 @@ def exit_confidence(
     return Confidence(*(torch.cat(p).reshape(lead) for p in zip(*parts, strict=True)))
 
 
-class _ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """Per-token ``lse_i - (h_i . w_{t_i})`` over token chunks, never holding ``N x V``.
+def linear_cross_entropy(
+    h: Tensor, weight: Tensor, targets: Tensor, ignore_index: int, measure: str | None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-token ``lse_i - (h_i . w_{t_i})`` of ``h [N, D] @ weight.T`` over token chunks,
+    never holding ``N x V``: ``(loss, confidence, prediction, lse)``, ``[N]`` each (loss 0
+    where ``t_i == ignore_index``). ``measure=None`` computes the loss only (confidence and
+    prediction are then empty). No autograd: see :func:`linear_cross_entropy_backward`.
+    """
+    valid = targets != ignore_index
+    safe_targets = torch.where(valid, targets, 0)
+    losses, lses, confs, preds = [], [], [], []
+    for i in _chunks(h.shape[0]):
+        logits = h[i : i + CHUNK_TOKENS] @ weight.T
+        if measure is None:  # loss only: skip the confidence statistics
+            lse = torch.logsumexp(logits, dim=1)
+        else:
+            conf = confidence_from_logits(logits, measure=measure)
+            lse = conf.lse
+            confs.append(conf.confidence)
+            preds.append(conf.prediction)
+        target_logit = logits.gather(1, safe_targets[i : i + CHUNK_TOKENS, None])[:, 0]
+        losses.append(lse - target_logit)
+        lses.append(lse)
+    empty = h.new_zeros(0)
+    loss = torch.where(valid, torch.cat([empty, *losses]), 0.0)
+    lse = torch.cat([empty, *lses])
+    confidence = torch.cat([empty, *confs])
+    prediction = torch.cat([targets.new_zeros(0), *preds])
+    return loss, confidence, prediction, lse
 
-    ``measure=None`` computes the loss only (the confidence outputs are then
-    empty). Forward keeps only ``h``, ``weight``, ``targets`` and ``lse``; backward
-    recomputes each chunk's logits, forms ``G = softmax - onehot(target)``
-    scaled by the incoming per-token gradient, and accumulates
-    ``dh = G @ W`` and ``dW = G^T @ h``, each only when required.
+
+def linear_cross_entropy_backward(
+    h: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    ignore_index: int,
+    lse: Tensor,
+    grad_loss: Tensor,
+    need_h: bool,
+    need_w: bool,
+) -> tuple[Tensor | None, Tensor | None]:
+    """``(dh, dW)`` of :func:`linear_cross_entropy`'s losses for the upstream ``grad_loss [N]``,
+    each only when required: per chunk the logits are recomputed, turned into
+    ``G = softmax - onehot(target)`` scaled by ``grad_loss``, and ``dh = G @ W``,
+    ``dW = G^T @ h`` accumulated."""
+    valid = targets != ignore_index
+    targets = torch.where(valid, targets, 0)
+    grad_h = torch.zeros_like(h) if need_h else None
+    grad_w = torch.zeros_like(weight) if need_w else None
+    scale = torch.where(valid, grad_loss, 0.0)
+    with no_autocast(h.device):
+        for i in _chunks(h.shape[0]):
+            rows = slice(i, i + CHUNK_TOKENS)
+            g = (h[rows] @ weight.T).sub_(lse[rows, None]).exp_()  # softmax, in place
+            g[torch.arange(g.shape[0]), targets[rows]] -= 1.0
+            g *= scale[rows, None]
+            if need_h:
+                grad_h[rows] = g @ weight
+            if need_w:
+                grad_w += g.T @ h[rows]
+    return grad_h, grad_w
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """:func:`linear_cross_entropy` with :func:`linear_cross_entropy_backward` as its backward.
+
+    Forward keeps only ``h``, ``weight``, ``targets`` and ``lse``; backward recomputes each
+    chunk's logits, so neither pass holds ``N x V``.
     """
 
     @staticmethod
@@ -183,27 +253,11 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         ignore_index: int,
         measure: str | None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        valid = targets != ignore_index
-        safe_targets = torch.where(valid, targets, 0)
-        losses, lses, confs, preds = [], [], [], []
-        for i in _chunks(h.shape[0]):
-            logits = h[i : i + CHUNK_TOKENS] @ weight.T
-            if measure is None:  # loss only: skip the confidence statistics
-                lse = torch.logsumexp(logits, dim=1)
-            else:
-                conf = confidence_from_logits(logits, measure=measure)
-                lse = conf.lse
-                confs.append(conf.confidence)
-                preds.append(conf.prediction)
-            target_logit = logits.gather(1, safe_targets[i : i + CHUNK_TOKENS, None])[:, 0]
-            losses.append(lse - target_logit)
-            lses.append(lse)
-        empty = h.new_zeros(0)
-        loss = torch.where(valid, torch.cat([empty, *losses]), 0.0)
-        lse = torch.cat([empty, *lses])
-        confidence = torch.cat([empty, *confs])
-        prediction = torch.cat([targets.new_zeros(0), *preds])
-        ctx.save_for_backward(h, weight, safe_targets, valid, lse)
+        loss, confidence, prediction, lse = linear_cross_entropy(
+            h, weight, targets, ignore_index, measure
+        )
+        ctx.save_for_backward(h, weight, targets, lse)
+        ctx.ignore_index = ignore_index
         ctx.mark_non_differentiable(confidence, prediction, lse)
         return loss, confidence, prediction, lse
 
@@ -211,21 +265,11 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     def backward(
         ctx: torch.autograd.function.FunctionCtx, grad_loss: Tensor, *_unused: Tensor
     ) -> tuple[Tensor | None, Tensor | None, None, None, None]:
-        h, weight, targets, valid, lse = ctx.saved_tensors
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_h = torch.zeros_like(h) if need_h else None
-        grad_w = torch.zeros_like(weight) if need_w else None
-        scale = torch.where(valid, grad_loss, 0.0)
-        with no_autocast(h.device):
-            for i in _chunks(h.shape[0]):
-                rows = slice(i, i + CHUNK_TOKENS)
-                g = (h[rows] @ weight.T).sub_(lse[rows, None]).exp_()  # softmax, in place
-                g[torch.arange(g.shape[0]), targets[rows]] -= 1.0
-                g *= scale[rows, None]
-                if need_h:
-                    grad_h[rows] = g @ weight
-                if need_w:
-                    grad_w += g.T @ h[rows]
+        h, weight, targets, lse = ctx.saved_tensors
+        grad_h, grad_w = linear_cross_entropy_backward(
+            h, weight, targets, ctx.ignore_index, lse, grad_loss,
+            ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+        )  # fmt: skip
         return grad_h, grad_w, None, None, None
 
 
@@ -324,26 +368,40 @@ def route(
     return RoutePlan(indices.scatter(0, slots, tokens)[:capacity], count, hard.numel())
 
 
-def _rows_with_dump(x: Tensor, num_tokens: int) -> Tensor:
-    """``x [..., D]`` as ``[N + 1, D]``: the extra zero row stands in for the -1 entries."""
-    rows = x.reshape(num_tokens, x.shape[-1])
+def _rows_with_dump(rows: Tensor) -> Tensor:
+    """``rows [N, D]`` as ``[N + 1, D]``: the extra zero row stands in for the -1 entries."""
     return torch.cat([rows, rows.new_zeros(1, rows.shape[1])])
 
 
-def _dump_targets(plan: RoutePlan) -> Tensor:
-    """``plan.indices`` with each -1 replaced by ``N``, the dump row."""
-    return torch.where(plan.indices >= 0, plan.indices, plan.num_tokens)
+def _dump_targets(indices: Tensor, num_tokens: int) -> Tensor:
+    """``indices`` with each -1 replaced by ``num_tokens``, the dump row."""
+    return torch.where(indices >= 0, indices, num_tokens)
+
+
+def gather_rows(rows: Tensor, indices: Tensor) -> Tensor:
+    """Rows ``indices`` (int64 ``[K]``) of ``rows [N, D]``: ``[K, D]``, zeros for -1."""
+    return _rows_with_dump(rows).index_select(0, _dump_targets(indices, rows.shape[0]))
+
+
+def scatter_rows(rows: Tensor, src: Tensor | None, indices: Tensor) -> Tensor:
+    """Copy of ``rows [N, D]`` with rows ``indices`` (``[K]``) replaced by ``src [K, D]`` (by
+    zeros when ``src`` is None).
+
+    -1 entries are skipped: they are copied into the dump row, which is dropped.
+    """
+    if src is None:
+        src = rows.new_zeros(indices.shape[0], rows.shape[1])
+    padded = _rows_with_dump(rows)
+    return padded.index_copy(0, _dump_targets(indices, rows.shape[0]), src)[:-1]
 
 
 def gather_tokens(x: Tensor, plan: RoutePlan) -> Tensor:
     """Rows ``plan.indices`` of ``x [..., D]`` (as ``[N, D]``): ``[K, D]``, zeros for -1."""
-    return _rows_with_dump(x, plan.num_tokens).index_select(0, _dump_targets(plan))
+    return gather_rows(x.reshape(plan.num_tokens, x.shape[-1]), plan.indices)
 
 
 def scatter_tokens(base: Tensor, src: Tensor, plan: RoutePlan) -> Tensor:
-    """Copy of ``base [..., D]`` with rows ``plan.indices`` replaced by ``src [K, D]``.
-
-    -1 entries are skipped: they are copied into the dump row, which is dropped.
-    """
-    padded = _rows_with_dump(base, plan.num_tokens)
-    return padded.index_copy(0, _dump_targets(plan), src)[:-1].reshape(base.shape)
+    """Copy of ``base [..., D]`` with rows ``plan.indices`` replaced by ``src [K, D]``;
+    -1 entries are skipped."""
+    rows = base.reshape(plan.num_tokens, base.shape[-1])
+    return scatter_rows(rows, src, plan.indices).reshape(base.shape)

@@ -36,8 +36,10 @@ Gather and scatter are bandwidth-bound copies: each program moves a 2-D tile of
 ``BLOCK_K`` rows x ``BLOCK_D`` columns with contiguous (vectorized) loads along ``D``, in
 one pass, for any ``D``.
 
-These functions take validated, flattened inputs; ``lego_kernels.ops`` is the public API
-that validates arguments and chooses the backend.
+These functions take validated, flattened inputs and record no autograd graph;
+``lego_kernels.ops`` is the public API that validates arguments and chooses the backend, and
+``lego_kernels.library`` wraps them as ``torch.library`` custom ops whose gradients are the
+gather and scatter above.
 """
 
 import torch
@@ -252,61 +254,16 @@ def _scatter_rows_(out: torch.Tensor, src: torch.Tensor | None, indices: torch.T
         )
 
 
-class GatherTokens(torch.autograd.Function):
-    """``x[indices]`` with zeros for -1; backward scatters the gradient into zeros."""
-
-    @staticmethod
-    def forward(
-        ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, indices: torch.Tensor
-    ) -> torch.Tensor:
-        ctx.save_for_backward(indices)
-        ctx.num_tokens = x.shape[0]
-        return _gather_rows(_unit_columns(x), indices)
-
-    @staticmethod
-    def backward(
-        ctx: torch.autograd.function.FunctionCtx, grad_out: torch.Tensor
-    ) -> tuple[torch.Tensor, None]:
-        (indices,) = ctx.saved_tensors
-        grad_x = grad_out.new_zeros((ctx.num_tokens, grad_out.shape[1]))
-        _scatter_rows_(grad_x, _unit_columns(grad_out), indices)
-        return grad_x, None
-
-
-class ScatterTokens(torch.autograd.Function):
-    """Copy of ``base`` with rows ``indices`` replaced by ``src``; -1 entries skipped."""
-
-    @staticmethod
-    def forward(
-        ctx: torch.autograd.function.FunctionCtx,
-        base: torch.Tensor,
-        src: torch.Tensor,
-        indices: torch.Tensor,
-    ) -> torch.Tensor:
-        ctx.save_for_backward(indices)
-        out = base.clone(memory_format=torch.contiguous_format)
-        _scatter_rows_(out, _unit_columns(src), indices)
-        return out
-
-    @staticmethod
-    def backward(
-        ctx: torch.autograd.function.FunctionCtx, grad_out: torch.Tensor
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
-        (indices,) = ctx.saved_tensors
-        grad_base = grad_src = None
-        if ctx.needs_input_grad[0]:
-            grad_base = grad_out.clone(memory_format=torch.contiguous_format)
-            _scatter_rows_(grad_base, None, indices)
-        if ctx.needs_input_grad[1]:
-            grad_src = _gather_rows(_unit_columns(grad_out), indices)
-        return grad_base, grad_src, None
-
-
 def gather_tokens(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """Rows ``indices`` (int64 ``[K]``, -1 gives zeros) of ``x`` ``[N, D]``: ``[K, D]``."""
-    return GatherTokens.apply(x, indices)
+    return _gather_rows(_unit_columns(x), indices)
 
 
-def scatter_tokens(base: torch.Tensor, src: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """Copy of ``base`` ``[N, D]`` with rows ``indices`` (``[K]``) replaced by ``src [K, D]``."""
-    return ScatterTokens.apply(base, src, indices)
+def scatter_tokens(
+    base: torch.Tensor, src: torch.Tensor | None, indices: torch.Tensor
+) -> torch.Tensor:
+    """Copy of ``base`` ``[N, D]`` with rows ``indices`` (``[K]``) replaced by ``src [K, D]``
+    (by zeros when ``src`` is None: the gradient of ``base``)."""
+    out = base.clone(memory_format=torch.contiguous_format)
+    _scatter_rows_(out, None if src is None else _unit_columns(src), indices)
+    return out

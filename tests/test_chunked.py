@@ -1,5 +1,7 @@
 """The chunked schedule (``lego_kernels.chunked``) against the reference, on both of its passes.
 
+The loss runs through ``ops.norm_head_cross_entropy`` inside ``ops.use_schedule("chunked")``
+(:func:`chunked_loss`: the custom ops of ``lego_kernels.library`` around the chunk walk).
 ``use_triton=False`` is the CPU path (torch's kernels), checked in float64 against the float64
 reference (relative error < 1e-10); ``use_triton=True`` runs the Triton pass
 (``head.logits_pass``) and norm kernels, through the interpreter on CPU tensors (or natively with
@@ -17,7 +19,7 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from lego_kernels import chunked, reference
+from lego_kernels import chunked, ops, reference
 
 INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if INTERPRETER or not torch.cuda.is_available() else "cuda"
@@ -30,6 +32,17 @@ PASSES = [
         marks=pytest.mark.skipif(not TRITON, reason="needs TRITON_INTERPRET=1 or a CUDA GPU"),
     ),
 ]
+
+
+def chunked_loss(use_triton: bool, x, w, targets, nw=None, nb=None, **kwargs):
+    """``ops.norm_head_cross_entropy`` on the chunked schedule, with the Triton pass or torch's
+    (float64 inputs run torch's anyway)."""
+    with ops.use_schedule("chunked"), ops.use_backend("auto" if use_triton else "torch"):
+        assert ops.backend(x).startswith("triton") == use_triton
+        return ops.norm_head_cross_entropy(
+            x, w, targets, nw, nb, norm=kwargs.pop("norm", "rms" if nw is not None else None),
+            **kwargs,
+        )  # fmt: skip
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -81,9 +94,10 @@ def test_cross_entropy_matches_reference(
     inputs, targets = head_inputs(n, d, v, norm, weighted, dtype, DEVICE)
     leaves = [None if t is None else t.clone().requires_grad_() for t in inputs]
     x, w, nw, nb, tw = leaves
-    loss, (conf, pred, lse) = chunked.norm_head_cross_entropy(
-        x, w, targets, nw, nb, norm, 1e-6, -100, reduction, tw, True, measure, use_triton
-    )
+    loss, (conf, pred, lse) = chunked_loss(
+        use_triton, x, w, targets, nw, nb, norm=norm, reduction=reduction, token_weights=tw,
+        return_confidence=True, measure=measure,
+    )  # fmt: skip
     ref_leaves = [None if t is None else t.detach().double().requires_grad_() for t in inputs]
     rx, rw, rnw, rnb, rtw = ref_leaves
     ref_loss, ref_conf = reference.norm_head_cross_entropy(
@@ -179,9 +193,7 @@ def test_memory_within_budget(use_triton, reduction, monkeypatch):
         t.requires_grad_()
 
     def step():
-        loss = chunked.norm_head_cross_entropy(
-            x, w, targets, nw, None, "rms", 1e-6, -100, reduction, tw, False, "max_prob", use_triton
-        )
+        loss = chunked_loss(use_triton, x, w, targets, nw, reduction=reduction, token_weights=tw)
         loss.sum().backward()
 
     peak, largest = _peak_cpu_bytes(step)
@@ -217,9 +229,7 @@ def test_gradients_in_the_forward_walk(reduction, trainable, want, monkeypatch):
     leaves = {"all": (x, w, nw), "head": (w,), "input": (x, nw)}[trainable]
     for t in leaves:
         t.requires_grad_()
-    loss = chunked.norm_head_cross_entropy(
-        x, w, targets, nw, None, "rms", 1e-6, -100, reduction, None, False, "max_prob", False
-    )
+    loss = chunked_loss(False, x, w, targets, nw, reduction=reduction)
     assert len(calls) == 1  # the forward
     loss.sum().backward()
     assert calls == want
@@ -238,9 +248,7 @@ def test_no_gradient_work_without_grad_mode(monkeypatch):
     (x, w, _, _, _), targets = head_inputs(5, 4, 20, None, False, torch.float64, "cpu")
     w.requires_grad_()
     with torch.no_grad():
-        chunked.norm_head_cross_entropy(
-            x, w, targets, None, None, None, 1e-6, -100, "mean", None, False, "max_prob", False
-        )
+        chunked_loss(False, x, w, targets)
     assert calls == [(False,) * 4]
 
 
@@ -248,9 +256,7 @@ def test_second_backward_raises():
     """The backward scales the forward's gradients in place: a second one is an error."""
     (x, w, _, _, _), targets = head_inputs(5, 4, 20, None, False, torch.float64, "cpu")
     w.requires_grad_()
-    loss = chunked.norm_head_cross_entropy(
-        x, w, targets, None, None, None, 1e-6, -100, "mean", None, False, "max_prob", False
-    )
+    loss = chunked_loss(False, x, w, targets)
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="inplace"):
         loss.backward()
@@ -264,9 +270,7 @@ def test_bitwise_reproducible():
         (x, w, nw, _, tw), targets = head_inputs(40, 16, 300, "rms", True, torch.float32, "cpu")
         for t in (x, w, nw, tw):
             t.requires_grad_()
-        loss = chunked.norm_head_cross_entropy(
-            x, w, targets, nw, None, "rms", 1e-6, -100, "mean", tw, False, "max_prob", False
-        )
+        loss = chunked_loss(False, x, w, targets, nw, token_weights=tw)
         loss.backward()
         results.append([loss, x.grad, w.grad, nw.grad, tw.grad])
     for a, b in zip(*results, strict=True):

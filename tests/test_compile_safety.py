@@ -2,19 +2,24 @@
 
 - ``SyncCounter`` and ``counting_backend`` count what synchronizes (``.item()``, ``bool()``,
   ``nonzero``, boolean masks) and nothing else (integer indexing, ``torch._assert_async``);
-- every op of ``lego_kernels.ops`` as it is now (Python around ``autograd.Function``s; the
-  torch backend, as ``TRITON_INTERPRET=1`` is set for the tests): ``torch._dynamo.explain``
+- every op of ``lego_kernels.ops`` (``torch.library`` custom ops; their ``opcheck`` is in
+  ``test_library.py``), on the torch backend and both schedules: ``torch._dynamo.explain``
   reports 0 graph breaks, and ``torch.compile(fullgraph=True)`` (``aot_eager``) equals eager,
-  gradients included;
+  gradients included; ``route`` without a capacity too (a data-dependent size); the Triton
+  kernels (through the interpreter) likewise, each op one node of the graph, nothing of Triton
+  traced;
 - ``LegoModel.forward`` and a training step (``Trainer.stage_losses`` + backward, one and
-  several stages) compile with ``fullgraph=True`` under inductor and equal eager;
+  several stages, both schedules) compile with ``fullgraph=True`` under inductor and equal
+  eager;
   ``early_exit(capacity=K)`` compiles with ``fullgraph=True`` and equals eager;
 - data-dependent checks inside compiled code raise (out-of-range ids and targets), never a
   silently wrong loss; ``torch.export`` of a module calling the loss and the confidence
-  runs, equals eager and keeps the target check;
-- ``early_exit(capacity=K)`` and a compiled training step make no host synchronization;
-- on CUDA (skipped without one): the same counts, and a CUDA-graph capture and replay of
-  ``early_exit(capacity=K)`` equal to eager.
+  runs (both schedules: their custom ops in the program), equals eager and keeps the target
+  check;
+- ``early_exit(capacity=K)`` and a compiled training step make no host synchronization, and
+  the counter sees inside the custom ops (``route`` without a capacity: its ``nonzero``);
+- on CUDA (skipped without one): the same counts, a CUDA-graph capture and replay of
+  ``early_exit(capacity=K)`` equal to eager, and the Triton backend under inductor.
 
 Tolerance: relative error ``||out - ref|| / ||ref||`` below 1e-5 (float32), exact for
 integer outputs.
@@ -167,13 +172,84 @@ def run_with_grads(fn, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
     return [o.detach() for o in outs] + list(grads)
 
 
+@pytest.mark.parametrize("schedule", ops.SCHEDULES)
 @pytest.mark.parametrize("name", list(OP_CASES))
-def test_ops_compile_without_graph_breaks(name):
+def test_ops_compile_without_graph_breaks(name, schedule):
     fn, inputs = OP_CASES[name], op_inputs()
-    assert break_reasons(fn, *inputs) == []
+    with ops.use_schedule(schedule):
+        assert break_reasons(fn, *inputs) == []
+        torch._dynamo.reset()
+        compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+        assert_same(run_with_grads(compiled, inputs), run_with_grads(fn, inputs))
+
+
+def test_route_without_capacity_compiles_with_a_dynamic_size():
+    """The plan's length is the number of hard tokens: a size the fake op makes up, which
+    ``fullgraph=True`` accepts (as for ``nonzero``; without it dynamo breaks the graph there
+    unless ``capture_dynamic_output_shape_ops`` is set); gather and scatter take it."""
+    x, _, nw, _ = op_inputs()
+
+    def routing(x, nw, threshold):
+        plan = ops.route(x[..., 0], threshold)
+        out = ops.scatter_tokens(x, ops.gather_tokens(x, plan) * nw, plan)
+        return out, plan.indices, plan.count
+
+    threshold = torch.tensor(0.3)
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+        assert break_reasons(routing, x, nw, threshold) == []
     torch._dynamo.reset()
-    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
-    assert_same(run_with_grads(compiled, inputs), run_with_grads(fn, inputs))
+    compiled = torch.compile(routing, backend="aot_eager", fullgraph=True)
+    for t in (threshold, torch.tensor(-0.5)):  # another count, the same graph
+        outs = run_with_grads(compiled, [x, nw, t])
+        assert_same(outs, run_with_grads(routing, [x, nw, t]))
+    with SyncCounter() as syncs:  # eager: the counter sees the nonzero inside the custom op
+        ops.route(x[..., 0], threshold)
+    assert syncs.ops == {"aten.nonzero.default": 1}
+
+
+TRITON = os.environ.get("TRITON_INTERPRET") == "1" or CUDA
+
+
+def exit_block(x, w, nw, t):
+    """Every exit-head and routing op: the loss with its confidence, the exit confidence, the
+    confidence of the logits, a plan with a capacity, gather and scatter."""
+    loss, conf = ops.norm_head_cross_entropy(x, w, t, nw, return_confidence=True)
+    other = ops.exit_confidence(x, w, nw, measure="margin")
+    from_logits = ops.confidence_from_logits(ops.norm_head_logits(x, w, nw), measure="entropy")
+    plan = ops.route(conf.confidence, conf.confidence.median(), capacity=7)
+    out = ops.scatter_tokens(x, ops.gather_tokens(x, plan) * nw, plan)
+    return [loss, other.confidence, from_logits.confidence, plan.indices, out]
+
+
+@pytest.mark.skipif(not TRITON, reason="needs TRITON_INTERPRET=1 or a CUDA GPU")
+@pytest.mark.parametrize("schedule", ops.SCHEDULES)
+def test_triton_backend_compiles_to_one_node_per_op(schedule):
+    """The Triton kernels (through the interpreter on CPU tensors) under ``fullgraph=True``:
+    every op is one ``lego_kernels`` node, nothing of Triton is traced, and the compiled call
+    (the ops run eagerly in it) equals eager, gradients included."""
+    inputs = op_inputs()
+    if CUDA:
+        inputs = [t.detach().cuda().requires_grad_(t.requires_grad) for t in inputs]
+    graphs = []
+
+    def capture(gm, example_inputs):  # the graph that dynamo hands to a backend
+        graphs.append(gm)
+        return gm.forward
+
+    with ops.use_backend("auto"), ops.use_schedule(schedule):
+        assert ops.backend(inputs[0]).startswith("triton")
+        eager = run_with_grads(exit_block, inputs)
+        assert break_reasons(exit_block, *inputs) == []
+        for backend in (capture, "aot_eager"):  # the ops' autograd, then AOTAutograd's trace
+            torch._dynamo.reset()
+            compiled = torch.compile(exit_block, backend=backend, fullgraph=True)
+            assert_same(run_with_grads(compiled, inputs), eager)
+    called = [str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"]
+    loss_op = "chunked_cross_entropy" if schedule == "chunked" else "norm_head_cross_entropy"
+    ours = [loss_op, "exit_confidence", "norm_head_logits", "confidence_from_logits", "route"]
+    ours += ["gather_tokens", "scatter_tokens"]
+    assert [n for n in called if "lego_kernels" in n] == [f"lego_kernels.{n}.default" for n in ours]
+    assert not any("triton" in n for n in called)
 
 
 # Inductor's own bounds check on the gathered target logit may fire before the range check.
@@ -212,10 +288,18 @@ class ExitModule(torch.nn.Module):
         return [loss, conf.confidence, conf.prediction]
 
 
-def test_torch_export_runs_and_keeps_the_target_check():
+@pytest.mark.parametrize("schedule", ops.SCHEDULES)
+def test_torch_export_runs_and_keeps_the_target_check(schedule):
     module, (x, _, _, t) = ExitModule(), op_inputs()
     x = x.detach()
-    program = torch.export.export(module, (x, t))
+    with ops.use_schedule(schedule):
+        program = torch.export.export(module, (x, t))
+    graphs = [
+        m.graph for m in program.graph_module.modules() if isinstance(m, torch.fx.GraphModule)
+    ]
+    ours = {str(n.target) for g in graphs for n in g.nodes if "lego_kernels" in str(n.target)}
+    loss_op = "chunked_cross_entropy" if schedule == "chunked" else "norm_head_cross_entropy"
+    assert ours == {f"lego_kernels.{loss_op}.default", "lego_kernels.exit_confidence.default"}
     assert_same(program.module()(x, t), module(x, t))
     with pytest.raises(RuntimeError, match=r"targets must lie in \[0, 61\)"):
         program.module()(x, torch.where(t == t[0, 0], V, t))
@@ -248,16 +332,18 @@ def training_step(loss_fn, model: LegoModel, ids, targets) -> list[torch.Tensor]
     return [loss.detach()] + [p.grad for p in model.parameters()]
 
 
+@pytest.mark.parametrize("schedule", ops.SCHEDULES)
 @pytest.mark.parametrize("stages", list(STAGES))
-def test_training_step_compiles_fullgraph(stages):
+def test_training_step_compiles_fullgraph(stages, schedule):
     model = small_model(2)
     trainer = Trainer(model, TrainingConfig(STAGES[stages]), quiet=True)
     ids, targets = torch.randint(0, V, (2, T)), torch.randint(0, V, (2, T))
-    assert break_reasons(trainer.stage_losses, ids, targets) == []
-    torch._dynamo.reset()
-    compiled = torch.compile(trainer.stage_losses, fullgraph=True)
-    eager = training_step(trainer.stage_losses, model, ids, targets)
-    assert_same(training_step(compiled, model, ids, targets), eager)
+    with ops.use_schedule(schedule):
+        assert break_reasons(trainer.stage_losses, ids, targets) == []
+        torch._dynamo.reset()
+        compiled = torch.compile(trainer.stage_losses, fullgraph=True)
+        eager = training_step(trainer.stage_losses, model, ids, targets)
+        assert_same(training_step(compiled, model, ids, targets), eager)
     assert len(trainer.last_terms) == len(STAGES[stages])  # the side effect is replayed
 
 
@@ -312,6 +398,17 @@ def test_early_exit_with_capacity_compiles_fullgraph():
 
 
 # ----------------------------------------------------------------------------- CUDA
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU and LEGO_TEST_CUDA=1 (interpreter off)")
+@pytest.mark.parametrize("schedule", ops.SCHEDULES)
+def test_triton_backend_under_inductor_on_cuda(schedule):
+    inputs = [t.detach().cuda().requires_grad_(t.requires_grad) for t in op_inputs()]
+    with ops.use_backend("auto"), ops.use_schedule(schedule):
+        eager = run_with_grads(exit_block, inputs)
+        compiled = torch.compile(exit_block, fullgraph=True)
+        assert_same(run_with_grads(compiled, inputs), eager)
 
 
 @pytest.mark.cuda
