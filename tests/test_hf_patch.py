@@ -22,7 +22,7 @@ from hf_models import FAMILIES, batch, one_thread_torch_backend, tiny_model  # n
 
 from bench.hf_train_step import cpu_allocations  # noqa: E402
 from lego.hf import SUPPORTED, apply_lego, exit_confidence  # noqa: E402
-from lego_kernels import ops, reference  # noqa: E402
+from lego_kernels import chunked, ops, reference  # noqa: E402
 
 CASES = [("llama", False), ("llama", True), ("mistral", False), ("qwen2", False), ("gpt2", None)]
 
@@ -287,8 +287,10 @@ def test_trainer_callback_drives_the_curriculum_by_optimizer_step(tmp_path) -> N
 def test_no_tokens_x_vocab_allocation_in_a_patched_step(monkeypatch) -> None:
     """Allocations measured by ``torch.profiler`` over forward + backward, N = 1024 tokens,
     V = 8192: N x V float32 is 32 MiB, far above every other tensor of the step (the
-    reference's token chunks are set to 64 rows, 2 MiB of logits)."""
+    reference's token chunks are set to 64 rows and the chunked schedule's buffer to
+    2 MiB of logits, whichever schedule the cost model picks)."""
     monkeypatch.setattr(reference, "CHUNK_TOKENS", 64)
+    monkeypatch.setattr(chunked, "CPU_MEMORY_BUDGET", 2 * 2**20)
     vocab, rows, length = 8192, 32, 32
     nxv = rows * length * vocab * 4
     model = tiny_model("llama", vocab=vocab, heads=2, layers=3)
