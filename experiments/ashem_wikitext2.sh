@@ -64,8 +64,9 @@ train() {  # train OUT.json FLAG...: one run, skipped when OUT.json exists or is
     rm -rf "$CKPT/$name.lock"
 }
 
-table1() {  # the draft's protocol and settings (the trainer's defaults)
-    train "$RESULTS/table1/ashem-seed-protocol-seed0.json" --strategy ashem --protocol seed --seed 0
+table1() {  # the original code's procedure, settings and model (the trainer's defaults + --arch)
+    train "$RESULTS/table1/ashem-seed-protocol-seed0.json" --strategy ashem --protocol seed \
+        --arch seed --seed 0
 }
 
 honest() {  # honest DIR SUFFIX LOW HIGH SEED FLAG...: the five rows of Table 2 (or 3)

@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 from typing import NoReturn
@@ -34,7 +36,7 @@ import lego_kernels
 from lego import distributed
 from lego.ashem import PROTOCOLS, confidence_threshold, run_ashem
 from lego.checkpoint import Checkpointer, save_atomic
-from lego.config import ASHEMConfig, ModelConfig, StageConfig, TrainingConfig
+from lego.config import ARCHS, ASHEMConfig, ModelConfig, StageConfig, TrainingConfig, arch_fields
 from lego.data import Corpus, load_wikitext2, synthetic_corpus
 from lego.model import CONTEXTS, LegoModel
 from lego.trainer import NonFiniteLossError, Trainer, evaluate, exit_outputs
@@ -145,7 +147,19 @@ def build_parser() -> ArgumentParser:
         default=10_000,
         help="training windows kept, 0 = all (default: %(default)s)",
     )
-    add("--epochs", type=_positive_int, default=10, help="most epochs per phase (default: 10)")
+    add(
+        "--epochs",
+        type=_positive_int,
+        help="most epochs per phase (default: 50 with --protocol seed, the original code's; "
+        "else 10)",
+    )
+    add(
+        "--arch",
+        choices=ARCHS,
+        default="lego",
+        help="model variant: lego (pre-norm, normed exits) or seed (the original code's: "
+        "post-norm, no exit norm, FFN 4 x dim, truncated-normal init) (default: %(default)s)",
+    )
     add("--layers", type=_positive_int, help="model depth, standard/deep-supervision (default: 4)")
     add("--phase1-layers", type=_positive_int, help="ASHEM phase-1 depth (default: 2)")
     add("--phase2-layers", type=_positive_int, help="ASHEM phase-2 depth (default: 4)")
@@ -231,6 +245,8 @@ def resolve_args(parser: ArgumentParser, argv: list[str] | None) -> argparse.Nam
     """Parse ``argv`` and fill the strategy-specific defaults; flags that the chosen
     strategy does not read are an error (through ``parser.error``)."""
     args = parser.parse_args(argv)
+    if args.epochs is None:
+        args.epochs = 50 if args.protocol == "seed" else 10
     if args.resume and args.checkpoint_dir is None:
         parser.error("--resume needs --checkpoint-dir DIR (the folder of the run to continue)")
     if args.phase1_from is not None and args.checkpoint_dir is None:
@@ -271,13 +287,14 @@ def load_corpus(args: argparse.Namespace) -> Corpus:
             test_windows=held_out,
             seed=args.seed,
         )
-    seed = args.protocol == "seed"
+    seed = "seed" if args.protocol == "seed" else "standard"
     return load_wikitext2(
         args.seq_len,
         data_dir=args.data_dir,
         samples=samples,
-        variant="seed" if seed else "standard",
-        limit_eval=seed,
+        variant=seed,
+        slicing=seed,
+        batch_size=args.batch_size,
     )
 
 
@@ -293,6 +310,7 @@ def build_configs(
         num_layers=args.phase1_layers if ashem else args.layers,
         num_heads=args.heads,
         max_seq_len=args.seq_len,
+        **arch_fields(args.arch, args.dim),
     )
     if ashem:
         return model_config, ASHEMConfig(
@@ -373,6 +391,8 @@ def run(
             "torch": torch.__version__,
             "lego_kernels": lego_kernels.__version__,
         },
+        "git": git_stamp(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "config": {
             **vars(args),
             "vocab_size": corpus.vocab_size,
@@ -451,6 +471,25 @@ def run(
     if args.save_model is not None and rank == 0:
         save_model(args.save_model, model, results)
     return results
+
+
+def git_stamp() -> dict[str, object] | None:
+    """The commit of the checkout that ``lego`` is imported from (``git rev-parse --short
+    HEAD``) and whether its tracked files differ from it; ``None`` outside a git checkout."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def git(*command: str) -> str:
+        done = subprocess.run(["git", *command], cwd=root, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise OSError(done.stderr.strip())
+        return done.stdout.strip()
+
+    try:
+        commit = git("rev-parse", "--short", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except OSError:  # no git, or not a checkout
+        return None
+    return {"commit": commit, "dirty": dirty}
 
 
 def save_model(path: str, model: LegoModel, results: dict) -> None:

@@ -19,7 +19,8 @@ from lego.data import (
     batch_indices,
     load_wikitext2,
     make_windows,
-    read_wikitext2_lines,
+    read_wikitext_lines,
+    seed_windows,
     synthetic_corpus,
 )
 
@@ -112,7 +113,7 @@ def test_hub_gives_the_same_corpus_as_the_folder(tiny_dir, monkeypatch):
 
 def test_missing_data_names_the_three_ways(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError) as err:
-        read_wikitext2_lines(str(tmp_path))
+        read_wikitext_lines(str(tmp_path))
     message = str(err.value)
     assert "--data-dir" in message and DATA_DIR_ENV in message and "datasets" in message
     assert "wiki.train.tokens" in message
@@ -155,14 +156,38 @@ def test_wikitext2_samples_and_seed_variant():
     corpus = load_wikitext2(32, samples=1000)
     assert corpus.train.shape[0] == 1000
     assert corpus.valid.shape[0] == 217_646 // 33  # honest protocol: evaluation splits whole
-    seed = load_wikitext2(32, samples=1000, variant="seed", limit_eval=True)
-    # The seed variant has no end-of-line tokens: one token fewer per line (README counts).
-    train_windows = (2_088_628 - 36_718) // 33
-    for split, tokens, lines in (("valid", 217_646, 3_760), ("test", 245_569, 4_358)):
-        expected = round(1000 / train_windows * ((tokens - lines) // 33))
-        assert seed.split(split).shape[0] == expected
+    seed = load_wikitext2(32, samples=10_000, variant="seed", slicing="seed")
+    # The original code's slices: 10,000 x 33 training tokens and 2,000 x 33 validation
+    # tokens, windows of 33 every 32 tokens, whole batches of 64 only.
+    assert seed.train.shape == (161 * 64, 33) and seed.valid.shape == (32 * 64, 33)
     assert all(w == w.lower() for w in seed.vocab) and EOS not in seed.vocab
     assert seed.vocab_size < corpus.vocab_size
+    stream = torch.cat([seed.train[0], seed.train[1, 1:]])
+    assert torch.equal(seed.train[1, 0], seed.train[0, -1]) and stream.numel() == 65
+
+
+def original_batches(ids: list[int], seq_len: int, batch_size: int) -> list[list[int]]:
+    """The windows of the original code's batching loop, written out: batch ``i`` starts
+    at token ``i * batch_size * seq_len``, its rows every ``seq_len`` tokens, each row
+    ``seq_len`` inputs and the next token; a batch with a missing row is dropped."""
+    rows, stride = [], batch_size * seq_len
+    for first in range(0, len(ids) - seq_len - 1, stride):
+        batch = [ids[s : s + seq_len + 1] for s in range(first, first + stride, seq_len)]
+        if all(len(row) == seq_len + 1 for row in batch):
+            rows += batch
+    return rows
+
+
+@pytest.mark.parametrize(
+    ("num_tokens", "seq_len", "batch_size"), [(100, 4, 3), (97, 5, 2), (30, 4, 8)]
+)
+def test_seed_windows_are_the_original_batches(num_tokens, seq_len, batch_size):
+    ids = torch.arange(num_tokens) * 7 % 101
+    windows = seed_windows(ids, seq_len, batch_size)
+    expected = original_batches(ids.tolist(), seq_len, batch_size)
+    assert windows.tolist() == expected and windows.shape[0] % batch_size == 0
+    with pytest.raises(ValueError, match="batch_size"):
+        seed_windows(ids, seq_len, 0)
 
 
 def test_synthetic_corpus_easy_tokens_are_deterministic():

@@ -155,8 +155,9 @@ def test_ashem_writes_the_json(tmp_path, capsys):
 )
 def test_standard_with_early_exit_on_wikitext2_writes_the_json(tmp_path):
     out = tmp_path / "standard.json"
-    argv = ["--strategy", "standard", "--samples", "32", "--protocol", "seed", "--layers", "2"]
+    argv = ["--strategy", "standard", "--samples", "40", "--protocol", "seed", "--layers", "2"]
     argv += ["--dim", "16", "--heads", "2", "--seq-len", "16", "--epochs", "1", "--quiet"]
+    argv += ["--batch-size", "8"]
     assert main([*argv, "--exit-layer", "1", "--threshold", "0.01", "--out", str(out)]) == 0
     results = json.loads(out.read_text())
     assert results.keys() >= TOP and results["dataset"] == "wikitext-2"
@@ -165,6 +166,11 @@ def test_standard_with_early_exit_on_wikitext2_writes_the_json(tmp_path):
     assert {"ppl", "acc", "exit_ratio", "layer_cost", "flops_cost"} <= ev.keys()
     assert ev["ppl"] > 1 and 0 <= ev["exit_ratio"] <= 1
     assert len(results["history"]) == 1 and results["config"]["threshold"] == 0.01
+    # The original code's slices: 40 x 17 training tokens, windows of 17 every 16 tokens,
+    # whole batches of 8; validation a fifth of that.
+    assert results["config"]["vocab_size"] > 1000 and ev["split"] == "valid"
+    corpus = load_run_corpus(results["config"])
+    assert corpus.train.shape == (40, 17) and corpus.valid.shape == (8, 17)
 
 
 def test_deep_supervision_trains_both_exits(tmp_path):
