@@ -143,7 +143,7 @@ class IsolatedHardTokenTrainer(Trainer):
         return evaluate(
             self.model,
             windows,
-            batch_size=self.batch_size,
+            batch_size=self.eval_batch_size,
             exit_layer=self.config.exit_layer,
             threshold=self.config.routing_threshold,
             measure=self.measure,
@@ -156,7 +156,7 @@ class IsolatedHardTokenTrainer(Trainer):
         """Perplexity of the hard tokens ``(states [K, D], targets [K])``, each alone
         through the new layers (the original's ``evaluate_on_hard_examples``)."""
         total = 0.0
-        for idx in batch_indices(targets.numel(), self.batch_size):
+        for idx in batch_indices(targets.numel(), self.eval_batch_size):
             batch = (states[idx].to(self.device), targets[idx].to(self.device))
             total += self.batch_loss(*batch, reduction="sum").item()
         return math.exp(total / targets.numel())
@@ -250,6 +250,7 @@ def run_ashem(
     measure: str = "max_prob",
     epochs: int = 10,
     batch_size: int = 64,
+    eval_batch_size: int | None = None,
     seed: int = 0,
     quiet: bool = False,
     checkpoint: Checkpointer | None = None,
@@ -259,7 +260,9 @@ def run_ashem(
 
     ``protocol``: ``"honest"`` or ``"seed"`` (module docstring); ``context``: the deep
     layers' attention context in phase 2 and at inference; ``measure``: the confidence
-    measure; ``epochs``: the most epochs of each phase; ``seed``: shuffling;
+    measure; ``epochs``: the most epochs of each phase; ``batch_size`` /
+    ``eval_batch_size``: windows per training step / per evaluation batch (default: the
+    same); ``seed``: shuffling;
     ``checkpoint``: saves every epoch and the phase boundary, and holds the state to
     resume from (``checkpoint.state``), if any.
     """
@@ -272,7 +275,9 @@ def run_ashem(
             f"model has {model.config.num_layers} layers but config.phase1_layers is {low}; "
             f"build it with ModelConfig(num_layers={low})"
         )
-    common = {"batch_size": batch_size, "context": context, "measure": measure, "quiet": quiet}
+    eval_batch_size = eval_batch_size or batch_size
+    common = {"context": context, "measure": measure, "quiet": quiet}
+    train_kwargs = {"batch_size": batch_size, "eval_batch_size": eval_batch_size, **common}
     saved = checkpoint.state if checkpoint is not None else None
     order1, order2 = PROTOCOL_ORDERS[protocol]
 
@@ -286,7 +291,7 @@ def run_ashem(
         # Phase 1: the shallow model on all training windows.
         phase1_config = TrainingConfig(stages=[StageConfig(layers=(1, low))])
         trainer1 = Trainer(
-            model, phase1_config, lr=config.phase1_lr, seed=seed, order=order1, **common
+            model, phase1_config, lr=config.phase1_lr, seed=seed, order=order1, **train_kwargs
         )
         if saved is not None:
             trainer1.load_state_dict(saved["trainer"])
@@ -304,7 +309,7 @@ def run_ashem(
             config.hard_example_ratio,
             protocol=protocol,
             measure=measure,
-            batch_size=batch_size,
+            batch_size=eval_batch_size,
             quiet=quiet,
         )
         mined["phase1"] = dataclasses.asdict(fit1)
@@ -319,7 +324,7 @@ def run_ashem(
     )
     phase2_class = IsolatedHardTokenTrainer if protocol == "seed" else RoutedHardTokenTrainer
     trainer2 = phase2_class(
-        model, phase2_config, lr=config.phase2_lr, seed=seed, order=order2, **common
+        model, phase2_config, lr=config.phase2_lr, seed=seed, order=order2, **train_kwargs
     )
     if saved is not None and saved["phase"] == 2:
         trainer2.load_state_dict(saved["trainer"])
@@ -328,7 +333,7 @@ def run_ashem(
     mine_split, eval_split = PROTOCOL_SPLITS[protocol]
     mine = corpus.split(mine_split)
     if protocol == "seed":
-        data = hard_token_states(model, mine, hard, exit_layer=low, batch_size=batch_size)
+        data = hard_token_states(model, mine, hard, exit_layer=low, batch_size=eval_batch_size)
     else:
         keep = hard.any(dim=1)
         data = (mine[keep], hard[keep])
@@ -351,7 +356,13 @@ def run_ashem(
         }
     else:
         two_stage = evaluate(
-            model, windows, exit_layer=low, threshold=threshold, time_full=True, **common
+            model,
+            windows,
+            exit_layer=low,
+            threshold=threshold,
+            time_full=True,
+            batch_size=eval_batch_size,
+            **common,
         )
         extra = {
             "hard_ppl": two_stage["hard_ppl"],

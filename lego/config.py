@@ -9,6 +9,7 @@ the seed: ``StageConfig(layers=(1, 2))`` is the block of the first two layers.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 from lego.exit_loss import LOSS_SCALES, loss_scales
@@ -155,6 +156,25 @@ class StageConfig:
             raise ValueError(f"layers must be (start, end) with start <= end, got {self.layers}")
         if _check_float("loss_weight", self.loss_weight) < 0:
             raise ValueError(f"loss_weight must be >= 0, got {self.loss_weight}")
+
+
+def parse_stages(text: str) -> tuple[StageConfig, ...]:
+    """Stages from ``"START-END:WEIGHT,..."`` (1-indexed, inclusive; ``"3"`` is the range
+    ``3-3``; the weight defaults to 1), e.g. ``"1-2:0.3,3-4:1.0"``. ``ValueError`` naming
+    ``--stages`` and the bad part otherwise (ascending order is ``TrainingConfig``'s
+    check)."""
+    stages = []
+    for part in text.split(","):
+        match = re.fullmatch(r"\s*(\d+)(?:-(\d+))?(?::([^,]+))?\s*", part)
+        if match is None:
+            raise ValueError(f"--stages: {part!r} is not START-END:WEIGHT (e.g. 1-2:0.3,3-4:1.0)")
+        start, end, weight = match.groups()
+        try:
+            loss_weight = float(weight) if weight is not None else 1.0
+            stages.append(StageConfig((int(start), int(end or start)), loss_weight))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"--stages: {part.strip()!r}: {e}") from None
+    return tuple(stages)
 
 
 @dataclass(frozen=True)

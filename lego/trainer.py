@@ -332,7 +332,8 @@ class Trainer:
     """AdamW + gradient clipping + early stopping around the stage losses of ``config``.
 
     Trains the parameters of ``model`` that require grad. ``context`` and ``measure``
-    are those of two-stage validation (``config.routing_threshold > 0``). ``seed``
+    are those of two-stage validation (``config.routing_threshold > 0``), done in batches
+    of ``eval_batch_size`` windows (default: ``batch_size``). ``seed``
     drives the shuffling of the training windows, ``order`` its kind (``ORDERS``, module
     docstring); ``quiet`` hides the progress bars. During ``fit``, ``step`` is the
     0-based index of the current optimizer step over the whole run and ``total_steps``
@@ -351,6 +352,7 @@ class Trainer:
         weight_decay: float = 0.01,
         grad_clip: float = 1.0,
         batch_size: int = 64,
+        eval_batch_size: int | None = None,
         context: str = "propagate",
         measure: str = "max_prob",
         seed: int = 0,
@@ -372,6 +374,8 @@ class Trainer:
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if eval_batch_size is not None and eval_batch_size < 1:
+            raise ValueError(f"eval_batch_size must be at least 1, got {eval_batch_size}")
         ops.check_choice("context", context, CONTEXTS)
         ops.check_choice("measure", measure, MEASURES)
         ops.check_choice("order", order, ORDERS)
@@ -383,6 +387,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay)
         self.grad_clip = grad_clip
         self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
         self.context = context
         self.measure = measure
         self.quiet = quiet
@@ -477,7 +482,7 @@ class Trainer:
         return evaluate(
             self.model,
             windows,
-            batch_size=self.batch_size,
+            batch_size=self.eval_batch_size,
             exit_layer=self.config.exit_layer if threshold > 0 else None,
             threshold=threshold,
             context=self.context,

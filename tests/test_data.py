@@ -17,7 +17,11 @@ from lego.data import (
     EOS,
     UNK,
     batch_indices,
+    encode_lines,
+    load_hub_text,
+    load_text_files,
     load_wikitext2,
+    load_wikitext103,
     make_windows,
     read_wikitext_lines,
     seed_windows,
@@ -188,6 +192,78 @@ def test_seed_windows_are_the_original_batches(num_tokens, seq_len, batch_size):
     assert windows.tolist() == expected and windows.shape[0] % batch_size == 0
     with pytest.raises(ValueError, match="batch_size"):
         seed_windows(ids, seq_len, 0)
+
+
+def tiny_files(tmp_path: Path) -> tuple[str, str, str]:
+    paths = []
+    for split, lines in TINY.items():
+        path = tmp_path / f"{split}.txt"
+        path.write_text("".join(lines), encoding="utf-8")
+        paths.append(str(path))
+    return tuple(paths)
+
+
+def test_text_files_word_tokens_read_as_wikitext(tiny_dir, tmp_path):
+    text = load_text_files(2, tiny_files(tmp_path))
+    wiki = load_wikitext2(2, data_dir=tiny_dir)
+    assert text.vocab == wiki.vocab and text.tokenizer == "word" and text.name == "text"
+    for split in ("train", "valid", "test"):
+        assert torch.equal(text.split(split), wiki.split(split))
+    # WikiText-103 reads a local folder with the same file names.
+    assert torch.equal(load_wikitext103(2, data_dir=tiny_dir).train, wiki.train)
+    with pytest.raises(FileNotFoundError, match=r"not found: /no/train\.txt"):
+        load_text_files(2, ("/no/train.txt", *tiny_files(tmp_path)[1:]))
+    with pytest.raises(ValueError, match="three paths"):
+        load_text_files(2, tiny_files(tmp_path)[:2])
+    with pytest.raises(FileNotFoundError, match="WikiText-103 not found"):
+        load_wikitext103(2, data_dir=str(tmp_path / "none"))
+
+
+def test_char_and_byte_tokens():
+    lines = {"train": ["ab\n", "é\n"], "valid": ["ba\n"], "test": ["az"]}
+    vocab, streams = encode_lines(lines, "char")
+    # every line ends in one newline; vocabulary from train in order of appearance, <unk> last
+    assert vocab == ("a", "b", "\n", "é", UNK)
+    assert streams["train"].tolist() == [0, 1, 2, 3, 2]
+    assert streams["test"].tolist() == [0, 4, 2]  # "z" is unknown
+    vocab, streams = encode_lines(lines, "byte")
+    assert len(vocab) == 256 and vocab[ord("a")] == "a"
+    assert bytes(streams["train"].tolist()).decode("utf-8") == "ab\né\n"  # é is two bytes
+    assert streams["train"].numel() == 6
+    with pytest.raises(ValueError, match="tokenizer"):
+        encode_lines(lines, "bpe")
+    with pytest.raises(ValueError, match="word tokenization"):
+        encode_lines(lines, "char", "seed")
+
+
+def test_hub_text_streams_the_rows_of_three_splits(monkeypatch):
+    rows = {"train": [f"w{i} x" for i in range(10)], "validation": [f"x w{i}" for i in range(6)]}
+    calls = []
+
+    def load_dataset(path, name, split, streaming):
+        calls.append((path, name, split, streaming))
+        if split not in rows:
+            raise ValueError(f"unknown split {split}")
+        return iter({"text": text, "id": i} for i, text in enumerate(rows[split]))
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    corpus = load_hub_text(
+        2, "org/data", "en", splits=("train[:8]", "validation[:3]", "validation[3:]")
+    )
+    assert calls == [("org/data", "en", s, True) for s in ("train", "validation", "validation")]
+    assert corpus.name == "org/data:en" and corpus.vocab[:3] == ("w0", "x", EOS)
+    # 8 rows of train, 3 words each (with <eos>): 24 tokens, 8 windows of 3.
+    assert corpus.train.shape == (8, 3)
+    valid_words = [corpus.vocab[i] for i in corpus.valid.flatten()]
+    assert valid_words == ["x", "w0", EOS, "x", "w1", EOS, "x", "w2", EOS]
+    with pytest.raises(FileNotFoundError, match="split 'test'"):
+        load_hub_text(2, "org/data")
+    with pytest.raises(ValueError, match="no column 'body'"):
+        load_hub_text(
+            2, "org/data", splits=("train", "validation", "validation"), text_column="body"
+        )
+    with pytest.raises(ValueError, match="NAME\\[START:STOP\\]"):
+        load_hub_text(2, "org/data", splits=("train", "validation", "validation[a:]"))
 
 
 def test_synthetic_corpus_easy_tokens_are_deterministic():
