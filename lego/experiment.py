@@ -351,7 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def training_budget(runs: Sequence[dict[str, Any]]) -> str:
     """The training the honest-protocol runs had, e.g. ``"full training split, at most 1
-    epoch per run (ASHEM: per phase), on cpu"`` (each distinct budget named once)."""
+    epoch per run (ASHEM: per phase), on cpu"`` (each distinct budget named once, and
+    the evaluation cap of ``--eval-samples`` when there is one)."""
     honest = [run for run in runs if run["protocol"] == "honest"]
     budgets = sorted({(run["config"]["samples"], run["config"]["epochs"]) for run in honest})
     parts = [
@@ -360,6 +361,11 @@ def training_budget(runs: Sequence[dict[str, Any]]) -> str:
         for samples, epochs in budgets
     ]
     devices = ", ".join(sorted({run["device"] for run in honest}))
+    capped = sorted({run["config"].get("eval_samples", 0) for run in honest} - {0})
+    if capped:
+        parts.append(
+            f"validation and test cut to their first {' / '.join(f'{n:,}' for n in capped)} windows"
+        )
     return "; ".join(parts) + f", on {devices}" if honest else "no honest-protocol run"
 
 
