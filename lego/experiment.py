@@ -372,7 +372,7 @@ def training_budget(runs: Sequence[dict[str, Any]]) -> str:
 def _tables(args: argparse.Namespace) -> None:
     table2_runs = load_runs(args.table2)
     sections = [
-        "Table 1 (draft protocol)",
+        "Table 1 (the original code's procedure)",
         table1(load_runs(args.table1)),
         f"Table 2 (honest protocol; {training_budget(table2_runs)})",
         table2(table2_runs),
