@@ -25,7 +25,13 @@ import torch
 from torch import Tensor
 
 from lego.config import StageConfig, TrainingConfig
-from lego.exit_loss import CURRICULA, LOSS_SCALES, active_exits, check_exit_layers
+from lego.exit_loss import (
+    CURRICULA,
+    LOSS_SCALES,
+    active_exits,
+    check_curriculum,
+    check_exit_layers,
+)
 from lego.model import LegoModel
 from lego.strategies.base import register, unit_float
 from lego.strategies.stages import LayersStrategy
@@ -70,7 +76,7 @@ class LayerSkipTrainer(Trainer):
         self.exit_layers = check_exit_layers(
             [layer for layer in weights if layer < num_layers], num_layers
         )
-        active_exits(curriculum, self.exit_layers, num_layers, 0, 1)  # checks curriculum
+        check_curriculum(curriculum)
         self.weights = weights
         self.layer_dropout = layer_dropout
         self.curriculum = curriculum
