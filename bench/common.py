@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 from torch import Tensor
 
+from lego.train import git_stamp
+
 if TYPE_CHECKING:
     from pytest_benchmark.fixture import BenchmarkFixture
 
@@ -276,6 +278,13 @@ def _nvidia_driver() -> str:
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return out.stdout.strip().splitlines()[0] if out.stdout.strip() else "unknown"
+
+
+def git_commit() -> dict[str, object]:
+    """``{"commit": short sha, "dirty": tracked files changed?}`` of this checkout
+    (``lego.train.git_stamp``, as the training runs record it; ``"unknown"`` outside a
+    git checkout)."""
+    return git_stamp() or {"commit": "unknown", "dirty": None}
 
 
 def machine_info(device: str) -> dict[str, str]:

@@ -27,18 +27,24 @@ from lego import LegoModel, ModelConfig
 from lego_kernels import ops
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--seq-len", type=int, default=1024)
+def add_shape_args(parser: argparse.ArgumentParser, batch: int, seq_len: int) -> None:
+    """The flags of the model's shape, the exit, the exit ratio and the seed (default: the
+    layer-dominated shape of issue 4), and the batch of ``batch x seq_len`` tokens."""
+    parser.add_argument("--batch", type=int, default=batch)
+    parser.add_argument("--seq-len", type=int, default=seq_len)
     parser.add_argument("--dim", type=int, default=1024)
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--exit-layer", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--exit-ratio", type=float, default=0.7)
-    parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_shape_args(parser, batch=16, seq_len=1024)
+    parser.add_argument("--device", default="cpu")
     return parser.parse_args()
 
 
@@ -47,11 +53,9 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-@torch.no_grad()
-def main() -> None:
-    args = parse_args()
+def make_model(args: argparse.Namespace, device: torch.device) -> LegoModel:
+    """The random-initialized model of the shape flags (seeded by ``--seed``), in eval mode."""
     torch.manual_seed(args.seed)
-    device = torch.device(args.device)
     config = ModelConfig(
         vocab_size=args.vocab,
         dim=args.dim,
@@ -59,7 +63,14 @@ def main() -> None:
         num_heads=args.heads,
         max_seq_len=args.seq_len,
     )
-    model = LegoModel(config).to(device).eval()
+    return LegoModel(config).to(device).eval()
+
+
+@torch.no_grad()
+def main() -> None:
+    args = parse_args()
+    device = torch.device(args.device)
+    model = make_model(args, device)
     ids = torch.randint(0, args.vocab, (args.batch, args.seq_len), device=device)
     print(
         f"device {device} (ops backend {ops.backend(ids.float())}, "

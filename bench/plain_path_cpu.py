@@ -33,9 +33,9 @@ import time
 import torch
 
 import lego_kernels
+from bench.common import git_commit
 from lego import LegoModel, ModelConfig, Trainer, TrainingConfig
 from lego.config import parse_stages
-from lego.train import git_stamp
 from lego_kernels import ops
 
 
@@ -83,6 +83,7 @@ def main() -> None:
         "deep supervision": (f"1-{e}:1,{e + 1}-{n}:1", False),
     }
     load_before = os.getloadavg()
+    commit = git_commit()  # before this run writes its results into the checkout
     results = []
     for name, (stages, has_plain) in layouts.items():
         trainer = Trainer(model, TrainingConfig(stages=parse_stages(stages)), quiet=True)
@@ -113,7 +114,7 @@ def main() -> None:
         "load_average_before": load_before,
         "load_average_after": os.getloadavg(),
         "versions": {"torch": torch.__version__, "lego_kernels": lego_kernels.__version__},
-        "git": git_stamp(),
+        "git": commit,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "results": results,
     }

@@ -39,6 +39,11 @@ sequence ``b`` fill the first ``count_b`` slots of a ``[B, M, ...]`` buffer
 spread evenly over the sequences, where one SDPA of all ``K`` queries against all
 ``B * T`` keys with a ``[K, B * T]`` mask would cost ``B`` times more; and it needs no
 Python loop.
+
+With ``early_exit(..., capacity=K)`` the plan has ``K`` slots whatever the data (hard
+tokens past them exit, free slots hold zero rows) and ``M = min(K, T)``, so every shape
+is static and the call never waits for the device (CUDA graphs, ``torch.compile``);
+the price is that the deeper layers always run ``K`` rows and ``B * M * T`` scores.
 """
 
 from __future__ import annotations
@@ -95,16 +100,38 @@ def attention(q: Tensor, k: Tensor, v: Tensor, **sdpa_kwargs: object) -> Tensor:
     return out.transpose(1, 2)
 
 
+def _clock() -> float:
+    """``time.perf_counter()``; NaN inside ``torch.compile``, which cannot trace a clock."""
+    return math.nan if torch.compiler.is_compiling() else time.perf_counter()
+
+
+def put_rows(base: Tensor, index: Tensor, src: Tensor) -> Tensor:
+    """Copy of ``base [N, ...]`` with row ``index[k]`` replaced by ``src[k]``, skipping the
+    -1 entries of ``index`` (int64 ``[K]``; the free slots of a plan with a capacity).
+    Any dtype; differentiable w.r.t. ``base`` and ``src``."""
+    num = base.shape[0]
+    padded = torch.cat([base, base.new_zeros(1, *base.shape[1:])])
+    return padded.index_copy(0, torch.where(index >= 0, index, num), src)[:num]
+
+
+def take_rows(x: Tensor, index: Tensor) -> Tensor:
+    """Rows ``index`` (int64 ``[K]``) of ``x [N, ...]``: ``[K, ...]``, zeros where it is -1."""
+    padded = torch.cat([x, x.new_zeros(1, *x.shape[1:])])
+    return padded.index_select(0, torch.where(index >= 0, index, x.shape[0]))
+
+
 @dataclasses.dataclass
 class HardLayout:
-    """Where the ``K`` hard tokens of a ``[B, T]`` batch sit in a padded ``[B, M]`` layout.
+    """Where the ``K`` slots of a routing plan over a ``[B, T]`` batch sit in a padded
+    ``[B, M]`` layout.
 
-    - ``plan``: the routing plan; ``plan.indices`` int64 ``[K]``, ascending flat
-      indices ``b * T + t`` (built without capacity, so no -1 entries);
-    - ``batch``, ``slot``, ``positions``: int64 ``[K]``, each hard token's sequence
-      ``b``, slot in its padded row (its rank among the sequence's hard tokens) and
-      absolute position ``t``;
-    - ``width``: ``M``, the largest number of hard tokens in one sequence;
+    - ``plan``: the routing plan; ``plan.indices`` int64 ``[K]``, ascending flat indices
+      ``b * T + t``, then -1 in the free slots of a plan built with a capacity;
+    - ``positions``: int64 ``[K]``, each hard token's absolute position ``t``;
+    - ``flat``: int64 ``[K]``, each hard token's place ``b * M + m`` in the flattened
+      ``[B * M]`` layout (``m``: its rank among the hard tokens of sequence ``b``); -1 for
+      a free slot;
+    - ``width``: ``M``; by default the largest number of hard tokens in one sequence;
     - ``key_mask``: bool ``[B, 1, M, T]`` (``"propagate"`` only): slot ``m`` of sequence
       ``b`` sees the keys at positions up to its own; padding slots see position 0,
       so no row is fully masked.
@@ -113,35 +140,50 @@ class HardLayout:
     plan: ops.RoutePlan
     num_sequences: int
     seq_len: int
-    batch: Tensor
-    slot: Tensor
     positions: Tensor
+    flat: Tensor
     width: int
     key_mask: Tensor | None
 
     @classmethod
-    def build(cls, plan: ops.RoutePlan, batch_size: int, seq_len: int, context: str) -> HardLayout:
+    def build(
+        cls,
+        plan: ops.RoutePlan,
+        batch_size: int,
+        seq_len: int,
+        context: str,
+        width: int | None = None,
+    ) -> HardLayout:
+        """The layout of ``plan`` (``K >= 1`` slots). ``width=None`` reads the tightest
+        ``M`` on the host (one synchronization); an int (at least the largest number of
+        hard tokens in one sequence, e.g. ``min(capacity, T)``) keeps everything on the
+        device."""
         index = plan.indices
-        batch, positions = index // seq_len, index % seq_len
-        counts = torch.bincount(batch, minlength=batch_size)
-        width = int(counts.max())  # one host synchronization
-        first = counts.cumsum(0) - counts  # plan rank of each sequence's first hard token
-        slot = torch.arange(index.numel(), device=index.device) - first[batch]
+        used = index >= 0
+        # Ascending plan: each sequence's hard tokens are consecutive, free slots last
+        # (their "sequence" B), so a token's rank is its distance to its sequence's first.
+        batch = torch.where(used, index // seq_len, batch_size)
+        positions = index % seq_len
+        slot = torch.arange(index.numel(), device=index.device)
+        slot = slot - torch.searchsorted(batch, batch)
+        if width is None:
+            width = int(slot.max()) + 1  # one host synchronization
+        flat = torch.where(used, batch * width + slot, -1)
         key_mask = None
         if context == "propagate":
-            query_pos = index.new_zeros(batch_size, width).index_put((batch, slot), positions)
+            query_pos = put_rows(index.new_zeros(batch_size * width), flat, positions)
             key_pos = torch.arange(seq_len, device=index.device)
-            key_mask = (key_pos <= query_pos[..., None]).unsqueeze(1)
-        return cls(plan, batch_size, seq_len, batch, slot, positions, width, key_mask)
+            key_mask = (key_pos <= query_pos.view(batch_size, width, 1)).unsqueeze(1)
+        return cls(plan, batch_size, seq_len, positions, flat, width, key_mask)
 
     def pad(self, x: Tensor) -> Tensor:
         """``[K, ...] -> [B, M, ...]`` with zeros in the padding slots (differentiable)."""
-        padded = x.new_zeros(self.num_sequences, self.width, *x.shape[1:])
-        return padded.index_put((self.batch, self.slot), x)
+        rows = x.new_zeros(self.num_sequences * self.width, *x.shape[1:])
+        return put_rows(rows, self.flat, x).unflatten(0, (self.num_sequences, self.width))
 
     def unpad(self, x: Tensor) -> Tensor:
-        """``[B, M, ...] -> [K, ...]``: the rows of the hard tokens."""
-        return x[self.batch, self.slot]
+        """``[B, M, ...] -> [K, ...]``: the rows of the hard tokens (zeros for free slots)."""
+        return take_rows(x.flatten(0, 1), self.flat)
 
 
 class Block(nn.Module):
@@ -252,14 +294,25 @@ class EarlyExitStats:
     ``exit_ratio``: share of tokens that exited; ``layer_cost``: layers run per token
     over the model's depth (the seed's count); ``flops``: analytic FLOPs of this call
     (exit heads included, see ``LegoModel.flops``); ``full_flops``: those of the
-    full-depth forward; ``wall_time_s``: wall clock of the call (device synchronized).
+    full-depth forward; ``wall_time_s``: wall clock of the call (device synchronized);
+    ``overflow``: hard tokens that exited because the capacity was full.
+
+    With a ``capacity`` the call reads nothing back from the device, so what depends on
+    the data stays there: ``exit_ratio`` and ``layer_cost`` are 0-d float32 tensors and
+    ``overflow`` a 0-d int64 tensor on the device (read them with ``.item()`` when you
+    want to wait; a replayed CUDA graph updates them); ``flops`` is a plain int, the work
+    done on all ``capacity`` slots whether used or not; ``wall_time_s`` is the host's
+    time in the call (on CUDA the launches only, as nothing is synchronized). Without a
+    capacity every field is a Python number and ``overflow`` is 0. Inside
+    ``torch.compile``, ``wall_time_s`` is NaN (time the compiled call instead).
     """
 
-    exit_ratio: float
-    layer_cost: float
+    exit_ratio: float | Tensor
+    layer_cost: float | Tensor
     flops: int
     full_flops: int
     wall_time_s: float
+    overflow: int | Tensor = 0
 
     @property
     def flops_cost(self) -> float:
@@ -272,8 +325,8 @@ class EarlyExitOutput(NamedTuple):
 
     ``prediction`` int64 ``[B, T]`` (from the exit each token used), ``confidence``
     float32 ``[B, T]`` (at the exit layer), ``exited`` bool ``[B, T]``
-    (``confidence >= threshold``), ``nll`` float32 ``[B, T]`` or ``None`` (without
-    targets; 0 at ``ignore_index``), ``stats``.
+    (``confidence >= threshold``, or past the capacity), ``nll`` float32 ``[B, T]`` or
+    ``None`` (without targets; 0 at ``ignore_index``), ``stats``.
     """
 
     prediction: Tensor
@@ -336,12 +389,8 @@ class LegoModel(nn.Module):
                 f"{name} has seq_len {ids.shape[1]} > max_seq_len {self.config.max_seq_len}; "
                 "use shorter windows or a larger ModelConfig.max_seq_len"
             )
-        low, high = ids.aminmax()
-        if low < 0 or high >= self.config.vocab_size:
-            raise ValueError(
-                f"{name} must lie in [0, {self.config.vocab_size}), got values in "
-                f"[{int(low)}, {int(high)}]"
-            )
+        # On the device (no synchronization, no graph break): see ops.check_range.
+        ops.check_range(name, ids, self.config.vocab_size)
 
     def _check_states(self, h: Tensor) -> None:
         if not isinstance(h, Tensor) or h.dim() != 3 or h.shape[-1] != self.config.dim:
@@ -441,15 +490,22 @@ class LegoModel(nn.Module):
     # ------------------------------------------------------------------ routed path
 
     def _run_hard(
-        self, h: Tensor, plan: ops.RoutePlan, start: int, end: int, context: str
+        self,
+        h: Tensor,
+        plan: ops.RoutePlan,
+        start: int,
+        end: int,
+        context: str,
+        width: int | None = None,
     ) -> tuple[Tensor, HardLayout]:
-        """Layers ``start..end`` on the hard tokens of ``plan`` (``K >= 1``, no capacity).
+        """Layers ``start..end`` on the ``K >= 1`` slots of ``plan`` (free slots: zero rows).
 
-        ``h [B, T, D]``: every token's state before layer ``start``. Returns the hard
-        tokens' states after layer ``end``, ``[K, D]``, and their layout.
+        ``h [B, T, D]``: every token's state before layer ``start``; ``width``: that of
+        ``HardLayout.build``. Returns the slots' states after layer ``end``, ``[K, D]``,
+        and their layout.
         """
         batch_size, seq_len, _ = h.shape
-        layout = HardLayout.build(plan, batch_size, seq_len, context)
+        layout = HardLayout.build(plan, batch_size, seq_len, context, width)
         hard = ops.gather_tokens(h, plan)
         for block in self.layers[start - 1 : end]:
             states = ops.scatter_tokens(h, hard, plan) if context == "propagate" else None
@@ -499,6 +555,7 @@ class LegoModel(nn.Module):
         context: str = "propagate",
         measure: str = "max_prob",
         targets: Tensor | None = None,
+        capacity: int | None = None,
     ) -> EarlyExitOutput:
         """Two-stage inference: tokens confident at ``exit_layer`` exit there, the others
         run the deeper layers (on the hard tokens only) to the last exit.
@@ -509,6 +566,14 @@ class LegoModel(nn.Module):
         ``forward(ids)``). ``targets`` int64 ``[B, T]`` (optional, -100 ignored) give
         ``nll``. The exit head runs once on all tokens (confidence, and the loss from
         the same pass); the final head runs on the hard tokens only. No gradient.
+
+        ``capacity``: a fixed number of hard slots per call. The first ``capacity`` hard
+        tokens (in flat order ``b * T + t``) run the deeper layers, those past it exit at
+        ``exit_layer`` too (``stats.overflow`` counts them); the deeper layers always
+        run ``capacity`` rows. Every shape is then static and the call makes no host
+        synchronization, so it can be captured in a CUDA graph (``stats`` then holds
+        device tensors, see ``EarlyExitStats``). ``None``: room for every hard token
+        (the host reads their number and the padding width).
         """
         self._check_ids("ids", ids)
         if isinstance(exit_layer, bool) or not isinstance(exit_layer, int):
@@ -526,13 +591,19 @@ class LegoModel(nn.Module):
         ops.check_choice("context", context, CONTEXTS)
         if targets is not None and (not isinstance(targets, Tensor) or targets.shape != ids.shape):
             raise ValueError(f"targets must be a tensor shaped like ids {tuple(ids.shape)}")
+        if capacity is not None:
+            if isinstance(capacity, bool) or not isinstance(capacity, int):
+                raise TypeError(f"capacity must be an int or None, got {type(capacity).__name__}")
+            if capacity < 0:
+                raise ValueError(f"capacity must be >= 0 (hard slots per call), got {capacity}")
         batch_size, seq_len = ids.shape
         num_tokens = ids.numel()
-        if ids.is_cuda:
+        synchronize = ids.is_cuda and capacity is None  # with a capacity, nothing waits
+        if synchronize:
             torch.cuda.synchronize(ids.device)
-        start = time.perf_counter()
+        start = _clock()
 
-        h = self.run_layers(self.embed(ids), 1, exit_layer)
+        h = self.run_layers(self.embedding(ids), 1, exit_layer)
         nll = None
         if targets is None:
             conf = self.exit_confidence(h, exit_layer=exit_layer, measure=measure)
@@ -545,33 +616,37 @@ class LegoModel(nn.Module):
                 return_confidence=True,
                 measure=measure,
             )
-        plan = ops.route(conf.confidence, threshold)
+        plan = ops.route(conf.confidence, threshold, capacity=capacity)
+        index = plan.indices
+        slots = index.numel()  # the hard tokens, or the capacity
         prediction = conf.prediction
-        num_hard = plan.indices.numel()
+        in_plan = put_rows(ids.new_zeros(num_tokens, dtype=torch.bool), index, index >= 0)
         flops = self.flops(batch_size, seq_len, depth=exit_layer)
-        if num_hard > 0:
-            states, layout = self._run_hard(h, plan, exit_layer + 1, num_layers, context)
-            index = plan.indices
+        if slots > 0:
+            width = None if capacity is None else min(capacity, seq_len)
+            states, layout = self._run_hard(h, plan, exit_layer + 1, num_layers, context, width)
             if targets is None:
                 deep = self.exit_confidence(states, measure=measure)
             else:
                 deep_nll, deep = self.exit_loss(
                     states,
-                    targets.reshape(-1)[index],
+                    take_rows(targets.reshape(-1), index),
                     reduction="none",
                     return_confidence=True,
                     measure=measure,
                 )
-                nll = nll.reshape(-1).index_copy(0, index, deep_nll).view_as(ids)
-            prediction = prediction.reshape(-1).index_copy(0, index, deep.prediction).view_as(ids)
+                nll = put_rows(nll.reshape(-1), index, deep_nll).view_as(ids)
+            prediction = put_rows(prediction.reshape(-1), index, deep.prediction).view_as(ids)
             if context == "propagate":
                 kv_tokens, score_entries = num_tokens, batch_size * layout.width * seq_len
             else:
-                kv_tokens, score_entries = num_hard, batch_size * layout.width**2
-            deep_layer = self._layer_flops(num_hard, kv_tokens, score_entries)
-            flops += (num_layers - exit_layer) * deep_layer + self._head_flops(num_hard)
+                kv_tokens, score_entries = slots, batch_size * layout.width**2
+            deep_layer = self._layer_flops(slots, kv_tokens, score_entries)
+            flops += (num_layers - exit_layer) * deep_layer + self._head_flops(slots)
 
-        if ids.is_cuda:
+        # Hard tokens that ran deeper: a number, or (capacity) a 0-d tensor on the device.
+        num_hard = slots if capacity is None else plan.count.clamp(max=capacity)
+        if synchronize:
             torch.cuda.synchronize(ids.device)
         stats = EarlyExitStats(
             exit_ratio=1.0 - num_hard / num_tokens,
@@ -579,9 +654,10 @@ class LegoModel(nn.Module):
             / (num_layers * num_tokens),
             flops=flops,
             full_flops=self.flops(batch_size, seq_len),
-            wall_time_s=time.perf_counter() - start,
+            wall_time_s=_clock() - start,
+            overflow=0 if capacity is None else plan.count - num_hard,
         )
-        exited = conf.confidence >= threshold
+        exited = ~in_plan.view_as(ids)
         return EarlyExitOutput(prediction, conf.confidence, exited, nll, stats)
 
     # ------------------------------------------------------------------ growth and freezing

@@ -424,15 +424,14 @@ def git_stamp() -> dict[str, object] | None:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
     def git(*command: str) -> str:
-        done = subprocess.run(["git", *command], cwd=root, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise OSError(done.stderr.strip())
-        return done.stdout.strip()
+        return subprocess.run(
+            ["git", *command], cwd=root, capture_output=True, text=True, check=True, timeout=20
+        ).stdout.strip()
 
     try:
         commit = git("rev-parse", "--short", "HEAD")
         dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
-    except OSError:  # no git, or not a checkout
+    except (OSError, subprocess.SubprocessError):  # no git, not a checkout, hung
         return None
     return {"commit": commit, "dirty": dirty}
 

@@ -67,7 +67,6 @@ tune, e.g. ``head.BLOCKS = dataclasses.replace(head.BLOCKS, block_n=256)``.
 import dataclasses
 import functools
 import math
-import os
 
 import torch
 import torch.nn.functional as F
@@ -75,7 +74,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from lego_kernels.ops import _INTERPRET as INTERPRET  # TRITON_INTERPRET, read once by ops
 
 # Codes of the confidence measures inside the kernels (0: no confidence, loss only).
 _MEASURE_CODES = {"max_prob": 1, "margin": 2, "entropy": 3}

@@ -9,8 +9,14 @@ accumulated in float32 and come back as float32.
 Backends (see :func:`backend`): CUDA tensors run the Triton kernels, CPU
 tensors run the plain-PyTorch reference (``lego_kernels.reference``), or the
 Triton kernels through Triton's interpreter when ``TRITON_INTERPRET=1`` was set
-before ``triton`` was imported. The kernel modules are imported lazily, so the
-package works on machines without Triton.
+before ``triton`` and ``lego_kernels`` were imported. The variable is read once,
+here, when this module is imported (``lego_kernels.head`` uses the same value);
+:func:`backend` raises a ``RuntimeError`` that says what to do when it was set
+too late. The kernel modules are imported lazily, so the package works on
+machines without Triton.
+
+Data-dependent validation (the range of ``targets``) never breaks a
+``torch.compile`` graph and never waits for a device: see :func:`check_range`.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import sys
 from collections.abc import Iterator
 
 import torch
@@ -44,16 +51,55 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _FORCED_BACKEND: str | None = None
 
 
+def _triton_built_for_gpu() -> bool:
+    """Whether ``triton`` was already imported, with its own ``@triton.jit`` helpers
+    (``tl.zeros``, ``tl.cdiv``, ...) built for the GPU rather than for the interpreter:
+    Triton decides that when it is imported, from ``TRITON_INTERPRET``."""
+    standard = sys.modules.get("triton.language.standard")
+    if standard is None:  # triton not imported yet: it will read the variable as ops did
+        return False
+    from triton.runtime.jit import JITFunction
+
+    return isinstance(getattr(standard, "zeros", None), JITFunction)
+
+
+# Set before Triton was imported? Triton's helpers then run in the interpreter too.
+_TRITON_BUILT_FOR_GPU = _INTERPRET and _triton_built_for_gpu()
+
+
+def _check_interpreter_setting() -> None:
+    """RuntimeError, saying what to do, when ``TRITON_INTERPRET`` no longer matches the
+    value read at import, or was set after ``triton`` was imported."""
+    if (os.environ.get("TRITON_INTERPRET") == "1") != _INTERPRET:
+        raise RuntimeError(
+            f"TRITON_INTERPRET is {os.environ.get('TRITON_INTERPRET')!r} now but was "
+            f"{'' if _INTERPRET else 'not '}'1' when lego_kernels was imported, and it is read "
+            "once, at import: set it before importing lego_kernels and triton (e.g. "
+            "`TRITON_INTERPRET=1 python ...`, or at the top of the script or conftest.py)"
+        )
+    if _TRITON_BUILT_FOR_GPU:
+        raise RuntimeError(
+            "TRITON_INTERPRET=1 was set after `import triton`, so Triton's own helpers were "
+            "built for the GPU and the kernels cannot run in its interpreter: set "
+            "TRITON_INTERPRET=1 before anything imports triton (e.g. `TRITON_INTERPRET=1 "
+            "python ...`), or use ops.use_backend('torch') for the reference"
+        )
+
+
 def backend(x: Tensor) -> str:
     """Which implementation the ops run for tensors like ``x``.
 
     ``"triton"`` for CUDA tensors; ``"triton-interpreter"`` for CPU tensors
-    when ``TRITON_INTERPRET=1`` was set before ``lego_kernels`` was imported;
-    ``"torch"`` (the reference) otherwise: for float64 tensors (the kernels take
-    float32, bfloat16 and float16), and inside ``use_backend("torch")``.
+    when ``TRITON_INTERPRET=1`` was set before ``triton`` and ``lego_kernels``
+    were imported; ``"torch"`` (the reference) otherwise: for float64 tensors
+    (the kernels take float32, bfloat16 and float16), and inside
+    ``use_backend("torch")``. Raises ``RuntimeError`` (saying what to do) when the
+    Triton kernels would run but ``TRITON_INTERPRET`` was set too late (after
+    ``import triton``) or changed after ``lego_kernels`` was imported.
     """
     if _FORCED_BACKEND == "torch" or x.dtype == torch.float64:
         return "torch"
+    _check_interpreter_setting()
     if x.is_cuda:
         return "triton"
     if x.device.type == "cpu" and _INTERPRET:
@@ -155,6 +201,32 @@ def _check_head_args(
     check_same_device(x=x, weight=weight, norm_weight=norm_weight, norm_bias=norm_bias)
 
 
+def check_range(name: str, values: Tensor, size: int, *, ignore_index: int | None = None) -> None:
+    """Check that the integer ``values`` lie in ``[0, size)`` (or equal ``ignore_index``),
+    without a host synchronization and without breaking a ``torch.compile`` graph.
+
+    The check is ``torch._assert_async`` on the device: on CPU outside ``torch.compile``
+    it fails at once and becomes a ``ValueError`` naming ``name`` and a bad value; under
+    ``torch.compile`` / ``torch.export`` it is a node of the graph (a ``RuntimeError``
+    with the same message when the compiled code runs on CPU); on CUDA it is a device-side
+    assert (the error surfaces at the next synchronization, as for an out-of-range
+    ``nn.Embedding`` index). Never a silently wrong answer, never a scalar read.
+    """
+    ok = (values >= 0) & (values < size)
+    allowed = f"[0, {size})"
+    if ignore_index is not None:
+        ok = ok | (values == ignore_index)
+        allowed += f" or equal ignore_index={ignore_index}"
+    message = f"{name} must lie in {allowed}"
+    if torch.compiler.is_compiling() or values.device.type != "cpu":
+        torch._assert_async(ok.all(), message)
+        return
+    try:
+        torch._assert_async(ok.all(), message)
+    except RuntimeError:
+        raise ValueError(f"{message}; found {int(values[~ok][0])}") from None
+
+
 def _check_targets(
     targets: Tensor, x: Tensor, vocab: int, ignore_index: int, token_weights: Tensor | None
 ) -> None:
@@ -174,16 +246,10 @@ def _check_targets(
                 f"token_weights must have the shape of targets {tuple(targets.shape)}, "
                 f"got {tuple(token_weights.shape)}"
             )
-    # Range check on CPU only: on CUDA it would cost a host synchronization
-    # (the Triton kernels treat an out-of-range target like ignore_index there).
-    if targets.device.type == "cpu" and targets.numel() > 0:
-        bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
-        if bool(bad.any()):
-            value = int(targets[bad][0])
-            raise ValueError(
-                f"targets must lie in [0, {vocab}) or equal ignore_index={ignore_index}; "
-                f"found {value}"
-            )
+    # Range check on CPU only (also under torch.compile: an assert in the graph). Not on
+    # CUDA, where the Triton kernels treat an out-of-range target like ignore_index.
+    if targets.device.type == "cpu":
+        check_range("targets", targets, vocab, ignore_index=ignore_index)
 
 
 def _flat(x: Tensor) -> Tensor:

@@ -327,6 +327,46 @@ def test_early_exit_threshold_extremes(context):
     assert all_exit.stats.layer_cost == pytest.approx(1 / 3)
 
 
+def first_hard(hard: torch.Tensor, capacity: int) -> torch.Tensor:
+    """The hard tokens that get one of ``capacity`` slots: the first ones in flat order."""
+    return hard & (hard.flatten().cumsum(0) <= capacity).view_as(hard)
+
+
+@pytest.mark.parametrize("context", CONTEXTS)
+def test_early_exit_with_capacity_matches_reference(context):
+    """A capacity keeps the first hard tokens (flat order), the others exit at the exit
+    layer; with room for all it equals the call without capacity."""
+    model = small_model(4)
+    ids, threshold = two_stage_batch(model, exit_layer=2)
+    targets = torch.randint(0, V, ids.shape)
+    lower = reference_states(model, ids, 2)
+    exit_logits = reference_logits(model, lower, 2)
+    hard = exit_logits.softmax(-1).amax(-1) < threshold
+    num_hard = int(hard.sum())
+    kwargs = {"exit_layer": 2, "threshold": threshold, "context": context, "targets": targets}
+    free = model.early_exit(ids, **kwargs)
+    # room for all (with free slots), sequence 2 split, only sequence 1's first tokens, none
+    for capacity in (num_hard + 3, num_hard - 2, 5, 0):
+        out = model.early_exit(ids, **kwargs, capacity=capacity)
+        kept = first_hard(hard, capacity)
+        assert torch.equal(out.exited, ~kept)
+        deep = reference_deep_layers(model, lower, kept, 3, 4, context)
+        logits = torch.where(kept[..., None], reference_logits(model, deep, 4), exit_logits)
+        assert torch.equal(out.prediction, logits.argmax(-1))
+        ref_nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+        assert rel_err(out.nll, ref_nll) < F32_TOL
+        stats, num_kept = out.stats, int(kept.sum())
+        assert int(stats.overflow) == num_hard - num_kept
+        assert stats.exit_ratio.item() == pytest.approx(1 - num_kept / ids.numel())
+        assert stats.layer_cost.item() == pytest.approx(
+            (2 * ids.numel() + 2 * num_kept) / (4 * ids.numel())
+        )
+        if capacity >= num_hard:
+            assert torch.equal(out.prediction, free.prediction)
+            assert rel_err(out.nll, free.nll) < F32_TOL
+            assert stats.exit_ratio.item() == pytest.approx(free.stats.exit_ratio)
+
+
 @pytest.mark.parametrize("context", CONTEXTS)
 def test_gradients_reach_only_the_new_layers(context):
     model = small_model(2)
@@ -391,6 +431,12 @@ def test_flops_match_flop_counter(monkeypatch):
                     ids, exit_layer=2, threshold=threshold, context=context
                 ).stats
             assert counter.get_total_flops() == stats.flops < stats.full_flops
+            for capacity in (5, 20):  # the work of every slot, used or not
+                with FlopCounterMode(display=False) as counter:
+                    stats = model.early_exit(
+                        ids, exit_layer=2, threshold=threshold, context=context, capacity=capacity
+                    ).stats
+                assert counter.get_total_flops() == stats.flops
 
 
 @pytest.mark.parametrize("context", CONTEXTS)

@@ -5,6 +5,11 @@ these tests run the ops on the torch backend (``use_backend("torch")``), where
 validation and dispatch are the same code.
 """
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -113,3 +118,36 @@ def test_empty_input():
         assert ops.norm_head_cross_entropy(x[:0], w, t[:0]).item() == 0.0
         assert ops.exit_confidence(x[:, :0], w).confidence.shape == (2, 0)
         assert ops.norm_head_logits(x[:0], w).shape == (0, 3, V)
+
+
+# A fresh interpreter per case: TRITON_INTERPRET is read when triton and lego_kernels load.
+PITFALLS = {
+    "set after import triton": (
+        "import os, triton; os.environ['TRITON_INTERPRET'] = '1'; from lego_kernels import ops",
+        "set after `import triton`",
+    ),
+    "set after import lego_kernels": (
+        "import os; from lego_kernels import ops; os.environ['TRITON_INTERPRET'] = '1'",
+        "read once, at import",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(PITFALLS))
+def test_triton_interpret_set_too_late_says_what_to_do(case):
+    setup, message = PITFALLS[case]
+    code = (
+        f"{setup}\nimport torch\nfrom lego_kernels import head\nx = torch.randn(2, 3)\n"
+        "print(head.INTERPRET is ops._INTERPRET)\n"  # one reading for the kernels and ops
+        "with ops.use_backend('torch'):\n    print(ops.backend(x))\n"  # the reference runs
+        "ops.backend(x)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parent.parent
+    env["PYTHONPATH"] = str(root)
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True
+    )
+    assert result.returncode != 0 and result.stdout.split() == ["True", "torch"]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("RuntimeError") and message in last and "before" in last

@@ -76,6 +76,9 @@ BAD_CALLS = [
     (VE, "measure", lambda: early_exit(exit_layer=1, threshold=0.5, measure="prob")),
     (VE, "exit_layer", lambda: early_exit(exit_layer=2, threshold=0.5)),
     (VE, "threshold", lambda: early_exit(exit_layer=1, threshold=math.nan)),
+    (VE, "capacity", lambda: early_exit(exit_layer=1, threshold=0.5, capacity=-1)),
+    (TE, "capacity", lambda: early_exit(exit_layer=1, threshold=0.5, capacity=2.0)),
+    (TE, "capacity", lambda: early_exit(exit_layer=1, threshold=0.5, capacity=True)),
     (VE, "num_layers", lambda: MODEL.extend(2)),
     (VE, "k", lambda: MODEL.freeze_lower(3)),
     # trainer and ASHEM
