@@ -10,9 +10,12 @@ implementation runs on the same inputs:
 | op | pass | lego_kernels | peers |
 |---|---|---|---|
 | ``logits`` | fwd | ``ops.norm_head_logits`` | eager, compile |
-| ``confidence`` | fwd | ``ops.exit_confidence`` | eager, compile, gemm (bare ``x @ W.T``) |
-| ``cross_entropy`` | fwd+bwd | ``ops.norm_head_cross_entropy`` | eager, compile, liger, cce |
+| ``confidence`` | fwd | ``ops.exit_confidence`` (x3) | eager, compile, gemm (bare ``x @ W.T``) |
+| ``cross_entropy`` | fwd+bwd | ``ops.norm_head_cross_entropy`` (x3) | eager, compile, liger, cce |
 | ``routing`` | fwd | ``ops.route`` + gather + scatter, also with ``capacity`` | eager |
+
+x3: three rows, ``lego``, the default schedule (``ops.schedule``, named in the row's note), and
+``lego-fused`` and ``lego-chunked``, each schedule forced with ``ops.use_schedule``.
 
 Time: median of ``triton.testing.do_bench`` on CUDA (warm, L2 flushed between
 calls); median of a few wall-clock calls on CPU (plumbing only, not a benchmark).
@@ -69,6 +72,8 @@ NOTES = (
     "Liger (LigerFusedLinearCrossEntropyLoss) and CCE (linear_cross_entropy, its default "
     "impl='cce' with gradient filtering) have no fused norm: they get F.rms_norm's output.",
     "gemm: the bare x @ W.T, the floor for the confidence pass (issue 6, target 1).",
+    "lego: the default schedule (ops.schedule; the note names it); lego-fused, lego-chunked: "
+    "that schedule forced with ops.use_schedule.",
     "lego speedup = peer ms / lego ms (> 1: lego is faster); lego mem ratio = lego extra "
     "memory / peer extra memory.",
     "extra MiB: peak CUDA memory allocated during one call minus what was allocated before "
@@ -125,8 +130,27 @@ def compiled(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
 # ----------------------------------------------------------------------------- the ops
 
 
+def scheduled(fn: Callable[..., Tensor], name: str) -> Callable[..., Tensor]:
+    """``fn`` run inside ``ops.use_schedule(name)``."""
+
+    def run(*args: Tensor) -> Tensor:
+        with ops.use_schedule(name):
+            return fn(*args)
+
+    return run
+
+
+def default_schedule(op: str, case: Case, device: str) -> str:
+    """The schedule ``ops`` picks for ``op`` at ``case`` (no memory: expanded scalars)."""
+    x, w = (
+        torch.zeros((), dtype=case.dtype, device=device).expand(n, case.shape.dim)
+        for n in (case.shape.tokens, case.shape.vocab)
+    )
+    return ops.schedule(x, w, grad=op == "cross_entropy")
+
+
 def head_impls(op: str, case: Case, device: str, peers: Sequence[str]) -> list[Impl]:
-    """lego_kernels first, then the requested peers of a head op, on shared inputs."""
+    """lego_kernels first (each schedule), then the requested peers of a head op."""
     backward = op == "cross_entropy"
     x, weight, norm_weight, targets = make_head_inputs(case, device, requires_grad=backward)
     leaves = (x, weight, norm_weight)
@@ -143,6 +167,8 @@ def head_impls(op: str, case: Case, device: str, peers: Sequence[str]) -> list[I
 
         makers = {
             "lego": lambda: run_loss(impls.lego_cross_entropy),
+            "lego-fused": lambda: run_loss(scheduled(impls.lego_cross_entropy, "fused")),
+            "lego-chunked": lambda: run_loss(scheduled(impls.lego_cross_entropy, "chunked")),
             "eager": lambda: run_loss(impls.eager_cross_entropy),
             "compile": lambda: run_loss(compiled(impls.eager_cross_entropy)),
             "liger": lambda: run_cuda_peer(impls.liger_cross_entropy),
@@ -159,11 +185,14 @@ def head_impls(op: str, case: Case, device: str, peers: Sequence[str]) -> list[I
 
         makers = {
             "lego": lambda: run_head(lego_fn),
+            "lego-fused": lambda: run_head(scheduled(lego_fn, "fused")),
+            "lego-chunked": lambda: run_head(scheduled(lego_fn, "chunked")),
             "eager": lambda: run_head(eager_fn),
             "compile": lambda: run_head(compiled(eager_fn)),
             "gemm": lambda: lambda: impls.head_gemm(x, weight),
         }
-    names = ["lego", *(p for p in OP_PEERS[op] if p in peers)]
+    schedules = [f"lego-{name}" for name in ops.SCHEDULES] if op != "logits" else []
+    names = ["lego", *schedules, *(p for p in OP_PEERS[op] if p in peers)]
     return [Impl(name, makers[name], leaves if backward else ()) for name in names]
 
 
@@ -329,6 +358,9 @@ def run(
                 impl_list = head_impls(op, case, device, peers)
                 flops, nbytes = head_flops(case.shape, backward=op == "cross_entropy"), None
             for row in measure_op(case, op, impl_list, device, flops, nbytes):
+                if row.impl == "lego" and op in ("confidence", "cross_entropy"):
+                    chosen = f"schedule: {default_schedule(op, case, device)}"
+                    row.note = f"{chosen}; {row.note}" if row.note else chosen
                 if row.tbps is not None and meta["copy_tbps"]:
                     share = f"{row.tbps / meta['copy_tbps']:.0%} of copy bandwidth"
                     row.note = f"{row.note}; {share}" if row.note else share
@@ -541,9 +573,11 @@ def card_slug(device: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
 
 
-def _choices(
+def parse_names(
     parser: argparse.ArgumentParser, arg: str, value: str, allowed: Sequence[str]
 ) -> list[str]:
+    """The comma-separated names of ``value``; a parser error (exit 2) naming ``arg`` for an
+    unknown name or an empty list."""
     names = [v.strip() for v in value.split(",") if v.strip()]
     unknown = [n for n in names if n not in allowed]
     if unknown or not names:
@@ -578,8 +612,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         cases = parse_cases(args.shapes, args.dtype)
     except ValueError as exc:
         parser.error(str(exc))
-    op_names = _choices(parser, "--ops", args.ops, OPS)
-    peers = _choices(parser, "--peers", args.peers, PEERS)
+    op_names = parse_names(parser, "--ops", args.ops, OPS)
+    peers = parse_names(parser, "--peers", args.peers, PEERS)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA GPU is visible; use --device cpu (plumbing only)")
     out = args.out or os.path.join(os.path.dirname(__file__), "results", card_slug(args.device))

@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # One run on a GPU machine (H100/H200; torch 2.11, triton 3.6; no internet, no `datasets`):
-#   1. the test suite with the CUDA tests on      (LEGO_TEST_CUDA=1, not the slow ones)
+#   1. the test suite with the CUDA tests on      (LEGO_TEST_CUDA=1, not the slow ones; both
+#                                                  schedules, and the determinism test with
+#                                                  CUBLAS_WORKSPACE_CONFIG=:4096:8)
 #   2. the pytest-benchmark suite                 (bench/test_*.py; compared with the stored
 #                                                  baseline of this card when there is one)
-#   3. python -m bench.compare                    (lego_kernels vs eager, torch.compile, Liger, CCE)
-# Each step has a time limit (TESTS_LIMIT=100, BENCH_LIMIT=140, COMPARE_LIMIT=220 seconds), so
-# the whole run stays under about 8 minutes; a step that fails or runs out of time does not stop
+#   3. python -m bench.compare                    (lego_kernels, by default and with each schedule
+#                                                  forced, vs eager, torch.compile, Liger, CCE)
+# Each step has a time limit (TESTS_LIMIT=150, BENCH_LIMIT=140, COMPARE_LIMIT=280 seconds), so
+# the whole run stays under about 10 minutes; a step that fails or runs out of time does not stop
 # the next one (compare rewrites its outputs after each case, so a cut-off run keeps what it
 # measured). Run from anywhere:
 #
@@ -23,9 +26,9 @@ set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 
 PY="${PYTHON:-python3}"
-TESTS_LIMIT="${TESTS_LIMIT:-100}"
+TESTS_LIMIT="${TESTS_LIMIT:-150}"
 BENCH_LIMIT="${BENCH_LIMIT:-140}"
-COMPARE_LIMIT="${COMPARE_LIMIT:-220}"
+COMPARE_LIMIT="${COMPARE_LIMIT:-280}"
 OUT="${OUT:-bench/results/run-$(date -u +%Y%m%d-%H%M%S)}"
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/gpu_check.log") 2>&1
@@ -49,7 +52,8 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm 
 declare -A STATUS
 
 echo "== 1. tests with CUDA (limit ${TESTS_LIMIT} s)"
-LEGO_TEST_CUDA=1 timeout -k 10 "$TESTS_LIMIT" "$PY" -m pytest tests -q -m "not slow" -p no:cacheprovider \
+LEGO_TEST_CUDA=1 CUBLAS_WORKSPACE_CONFIG=:4096:8 timeout -k 10 "$TESTS_LIMIT" "$PY" -m pytest tests -q \
+  -m "not slow" -p no:cacheprovider \
   --durations=5
 STATUS[tests]=$?
 

@@ -7,6 +7,7 @@ LEGO (stage-based deep supervision + confidence-based early exit) and ASHEM
 from lego.ashem import ASHEMResult, run_ashem
 from lego.config import ASHEMConfig, ModelConfig, StageConfig, TrainingConfig
 from lego.data import Corpus, load_wikitext2, synthetic_corpus
+from lego.generation import GenerationOutput, GenerationStats
 from lego.model import EarlyExitOutput, EarlyExitStats, LegoModel
 from lego.trainer import FitResult, Trainer, evaluate
 
@@ -17,6 +18,8 @@ __all__ = [
     "EarlyExitOutput",
     "EarlyExitStats",
     "FitResult",
+    "GenerationOutput",
+    "GenerationStats",
     "LegoModel",
     "ModelConfig",
     "StageConfig",

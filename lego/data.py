@@ -59,7 +59,8 @@ class Corpus:
     ``train``/``valid``/``test``: ``int64 [num_windows, seq_len + 1]``.
     ``hard``: synthetic corpus only, for each split a ``bool [num_windows, seq_len]``
     mask of the targets that cannot be predicted (drawn at random); ``None`` otherwise.
-    ``tokenizer``: how text became ids (``TOKENIZERS``; ``vocab[i]`` is token ``i``).
+    ``tokenizer``: how text became ids (``TOKENIZERS``; ``vocab[i]`` is token ``i``);
+    ``variant``: the word tokenization's variant (``VARIANTS``).
     """
 
     name: str
@@ -69,6 +70,12 @@ class Corpus:
     test: Tensor
     hard: dict[str, Tensor] | None = None
     tokenizer: str = "word"
+    variant: str = "standard"
+
+    @property
+    def codec(self) -> TextCodec:
+        """How text becomes this corpus's ids and back (what a saved model keeps)."""
+        return TextCodec(self.vocab, self.variant, self.tokenizer)
 
     @property
     def vocab_size(self) -> int:
@@ -260,8 +267,10 @@ def corpus_from_streams(
     slicing: str = "standard",
     batch_size: int = 64,
     tokenizer: str = "word",
+    variant: str = "standard",
 ) -> Corpus:
-    """A ``Corpus`` of the token streams of every split.
+    """A ``Corpus`` of the token streams of every split (made by ``encode_lines`` with
+    ``tokenizer`` and ``variant``).
 
     ``slicing="standard"``: contiguous, non-overlapping windows (``make_windows``);
     ``samples`` keeps the first ``samples`` training windows, the evaluation splits stay
@@ -293,7 +302,7 @@ def corpus_from_streams(
         windows = {s: make_windows(streams[s], seq_len) for s in SPLITS}
         if samples is not None:
             windows["train"] = windows["train"][:samples]
-    return Corpus(name=name, vocab=vocab, tokenizer=tokenizer, **windows)
+    return Corpus(name=name, vocab=vocab, tokenizer=tokenizer, variant=variant, **windows)
 
 
 def load_wikitext2(
@@ -322,6 +331,7 @@ def load_wikitext2(
         samples=samples,
         slicing=slicing,
         batch_size=batch_size,
+        variant=variant,
     )
 
 
@@ -449,5 +459,85 @@ def synthetic_corpus(
             stream.append(r if prev < num_hard else successor[prev])
         windows[split] = make_windows(torch.tensor(stream), seq_len)
         hard[split] = windows[split][:, :-1] < num_hard
-    vocab = tuple(f"t{i}" for i in range(vocab_size))
-    return Corpus(name="synthetic", vocab=vocab, hard=hard, **windows)
+    return Corpus(name="synthetic", vocab=synthetic_vocab(vocab_size), hard=hard, **windows)
+
+
+def synthetic_vocab(vocab_size: int) -> tuple[str, ...]:
+    """The words of ``synthetic_corpus(..., vocab_size=vocab_size)``: ``t0, t1, ...``."""
+    return tuple(f"t{i}" for i in range(vocab_size))
+
+
+# ----------------------------------------------------------------------------- text <-> ids
+
+TEXT_KEY = "text"  # where ``python -m lego.train --save-model`` stores a TextCodec's state
+
+
+@dataclass(frozen=True)
+class TextCodec:
+    """How a trained model's text becomes token ids and back.
+
+    ``vocab``: the corpus's tokens, id = position; ``tokenizer``: ``"word"`` (split on
+    whitespace; ``variant="seed"`` lowercases first, see the module docstring),
+    ``"char"`` or ``"byte"`` (UTF-8 bytes; ``vocab`` holds them as Latin-1 characters).
+    A prompt is one line of text: no ``<eos>`` (or end of line) is appended to it.
+    """
+
+    vocab: tuple[str, ...]
+    variant: str = "standard"
+    tokenizer: str = "word"
+
+    def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
+        if self.tokenizer not in TOKENIZERS:
+            raise ValueError(f"tokenizer must be one of {TOKENIZERS}, got {self.tokenizer!r}")
+        object.__setattr__(self, "vocab", tuple(self.vocab))
+
+    def encode(self, text: str) -> tuple[list[int], list[str]]:
+        """``(ids, unknown)``: the ids of the tokens of ``text``, tokens outside the
+        vocabulary mapped to ``<unk>`` (or dropped if it has none) and listed in ``unknown``."""
+        if self.tokenizer == "byte":
+            return list(text.encode("utf-8")), []
+        index = {w: i for i, w in enumerate(self.vocab)}
+        if self.tokenizer == "char":
+            tokens = list(text)
+        else:
+            tokens = (text.lower() if self.variant == "seed" else text).split()
+        unknown = [w for w in tokens if w not in index]
+        unk = index.get(UNK)
+        ids = [index.get(w, unk) for w in tokens]
+        return [i for i in ids if i is not None], unknown
+
+    def decode(self, ids: list[int]) -> str:
+        """The text of ``ids``: words joined by spaces, characters as they are, bytes
+        decoded as UTF-8 (a broken sequence shows as U+FFFD)."""
+        if self.tokenizer == "byte":
+            return bytes(ids).decode("utf-8", errors="replace")
+        sep = "" if self.tokenizer == "char" else " "
+        return sep.join(self.vocab[i] for i in ids)
+
+    def state(self) -> dict[str, object]:
+        """A plain dict (what a model file stores); ``TextCodec(**state)`` rebuilds it."""
+        return {"vocab": list(self.vocab), "variant": self.variant, "tokenizer": self.tokenizer}
+
+
+def run_text_codec(config: dict) -> TextCodec:
+    """The TextCodec of the corpus that a ``python -m lego.train`` run on WikiText-2 or the
+    synthetic corpus used, from the run's JSON ``config`` (``dataset``, ``protocol``,
+    ``data_dir``, ``vocab_size``): for model files saved before they stored it."""
+    if config["dataset"] == "synthetic":
+        return TextCodec(synthetic_vocab(config["vocab_size"]))
+    if config["dataset"] != "wikitext-2":
+        raise ValueError(
+            f"a {config['dataset']!r} run's vocabulary cannot be rebuilt from its config; "
+            "save the model again with `python -m lego.train --save-model`"
+        )
+    variant = "seed" if config["protocol"] == "seed" else "standard"
+    vocab = tuple(word_index(read_wikitext_lines(config["data_dir"]), variant))
+    if len(vocab) != config["vocab_size"]:
+        raise ValueError(
+            f"the WikiText-2 found now has {len(vocab)} words, the run's model "
+            f"{config['vocab_size']}; point --data-dir / LEGO_DATA_DIR at the copy it was "
+            "trained on"
+        )
+    return TextCodec(vocab, variant)

@@ -52,7 +52,7 @@ import dataclasses
 import functools
 import math
 import time
-from typing import NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -60,6 +60,9 @@ from torch import Tensor, nn
 
 from lego.config import ModelConfig
 from lego_kernels import ops
+
+if TYPE_CHECKING:
+    from lego.generation import GenerationOutput
 
 CONTEXTS = ("propagate", "routed")
 NORM_FLOPS_PER_ELEMENT = 4  # analytic FLOP convention for a norm (see LegoModel.flops)
@@ -659,6 +662,19 @@ class LegoModel(nn.Module):
         )
         exited = ~in_plan.view_as(ids)
         return EarlyExitOutput(prediction, conf.confidence, exited, nll, stats)
+
+    # ------------------------------------------------------------------ generation
+
+    def generate(self, ids: Tensor, **settings: Any) -> GenerationOutput:
+        """Continue the prompts ``ids`` int64 ``[B, T]`` with a KV cache:
+        ``lego.generation.generate(self, ids, **settings)``, whose keywords are
+        ``max_new_tokens``, ``mode`` (``"full"``, ``"early-exit"``, ``"self-speculative"``),
+        ``exit_layer``, ``threshold``, ``measure``, ``context``, ``draft_tokens``,
+        ``temperature``, ``top_k``, ``top_p``, ``eos_id``, ``attention_mask``, ``generator``,
+        ``capacity``."""
+        from lego.generation import generate  # lego.generation builds on this module
+
+        return generate(self, ids, **settings)
 
     # ------------------------------------------------------------------ growth and freezing
 

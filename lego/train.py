@@ -48,8 +48,10 @@ from lego.ashem import PROTOCOLS
 from lego.checkpoint import Checkpointer, save_atomic
 from lego.config import ARCHS
 from lego.data import (
+    TEXT_KEY,
     TOKENIZERS,
     Corpus,
+    TextCodec,
     load_hub_text,
     load_text_files,
     load_wikitext2,
@@ -485,14 +487,16 @@ def run(
         checkpoint.elapsed() if checkpoint is not None else time.perf_counter() - start
     )
     if args.save_model is not None and rank == 0:
-        save_model(args.save_model, model, results)
+        save_model(args.save_model, model, results, corpus.codec)
     return results
 
 
-def save_model(path: str, model: LegoModel, results: dict) -> None:
+def save_model(path: str, model: LegoModel, results: dict, codec: TextCodec) -> None:
     """Write the trained ``model`` to ``path`` (atomically): ``model_config`` (dict),
     ``state_dict``, and from ``results`` the run's ``config``, its ``strategy``, the
-    early-exit ``threshold`` (0 when none), ``exit_layer``, ``context`` and ``measure``."""
+    early-exit ``threshold`` (0 when none), ``exit_layer``, ``context`` and ``measure``, and
+    ``codec``, the corpus's vocabulary and tokenization that ``python -m lego.generate``
+    needs (under ``text``)."""
     config = results["config"]
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     save_atomic(
@@ -505,6 +509,7 @@ def save_model(path: str, model: LegoModel, results: dict) -> None:
             "exit_layer": results["exit_layer"],
             "context": config["context"],
             "measure": config["measure"],
+            TEXT_KEY: codec.state(),
         },
         path,
     )

@@ -7,9 +7,9 @@ Inputs may be float32, bfloat16 or float16; statistics and losses are
 accumulated in float32 and come back as float32.
 
 Backends (see :func:`backend`): CUDA tensors run the Triton kernels, CPU
-tensors run the plain-PyTorch reference (``lego_kernels.reference``), or the
-Triton kernels through Triton's interpreter when ``TRITON_INTERPRET=1`` was set
-before ``triton`` and ``lego_kernels`` were imported. The variable is read once,
+tensors run plain PyTorch, or the Triton kernels through Triton's interpreter
+when ``TRITON_INTERPRET=1`` was set before ``triton`` and ``lego_kernels`` were
+imported. The variable is read once,
 here, when this module is imported (``lego_kernels.head`` uses the same value);
 :func:`backend` raises a ``RuntimeError`` that says what to do when it was set
 too late. The kernel modules are imported lazily, so the package works on
@@ -17,11 +17,24 @@ machines without Triton.
 
 Data-dependent validation (the range of ``targets``) never breaks a
 ``torch.compile`` graph and never waits for a device: see :func:`check_range`.
+
+Schedules (see :func:`schedule`): the exit-head ops ``exit_confidence`` and
+``norm_head_cross_entropy`` run either ``"fused"`` (one Triton kernel streams the
+vocabulary and never writes logits; its backward recomputes them; on the torch
+backend this is the reference's recompute order) or ``"chunked"``
+(``lego_kernels.chunked``: the vendor GEMM per chunk of tokens, one pass over the
+chunk's logits, gradients in the same forward). Both return the same results.
+
+Every Triton launch runs with its tensors' device as the current CUDA device.
+Under autocast, float32 inputs run the head GEMMs in autocast's dtype on the
+Triton backends (as ``F.linear`` would), and in float32 on the torch backend;
+the statistics (losses, lse, confidences) are accumulated in float32 either way.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import sys
@@ -30,10 +43,11 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from lego_kernels import reference
+from lego_kernels import chunked, reference
 from lego_kernels.reference import MEASURES, NORMS, REDUCTIONS, Confidence, RoutePlan
 
 __all__ = [
+    "SCHEDULES",
     "Confidence",
     "RoutePlan",
     "backend",
@@ -44,11 +58,15 @@ __all__ = [
     "norm_head_logits",
     "route",
     "scatter_tokens",
+    "schedule",
     "use_backend",
+    "use_schedule",
 ]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _FORCED_BACKEND: str | None = None
+SCHEDULES = ("fused", "chunked")
+_FORCED_SCHEDULE: str | None = None
 
 
 def _triton_built_for_gpu() -> bool:
@@ -123,6 +141,137 @@ def use_backend(name: str) -> Iterator[None]:
         yield
     finally:
         _FORCED_BACKEND = previous
+
+
+@contextlib.contextmanager
+def use_schedule(name: str) -> Iterator[None]:
+    """Force a schedule of the exit-head ops inside a ``with`` block: ``"fused"``, ``"chunked"``
+    or ``"auto"`` (the cost model of :func:`schedule`).
+
+    Both schedules return the same results (up to rounding); forcing one is for tests,
+    benchmarks and debugging. ``"fused"`` with gradients under
+    ``torch.use_deterministic_algorithms(True)`` raises, as its backward uses float atomics.
+    """
+    global _FORCED_SCHEDULE
+    if name not in ("auto", *SCHEDULES):
+        raise ValueError(f"use_schedule: name must be 'auto', 'fused' or 'chunked', got {name!r}")
+    previous = _FORCED_SCHEDULE
+    _FORCED_SCHEDULE = None if name == "auto" else name
+    try:
+        yield
+    finally:
+        _FORCED_SCHEDULE = previous
+
+
+# Cost model of the schedules on a Hopper-class GPU (H100/H200; bench/NOTES.md has the measured
+# rates these come from; re-fit them when a GPU run disagrees). Only their ratios matter.
+_GEMM_FLOPS = {2: 7.0e14, 4: 3.5e14}  # cuBLAS's dense rate: bf16/fp16, and float32 as TF32
+_FUSED_GEMM_SHARE = 0.6  # share of that rate the fused kernel's dots reach (softmax in the loop)
+_LOGIT_SECONDS = 3.0e-13  # the fused epilogue per logit: ~10 instructions at 33.5e12 per second
+_STREAM_BYTES = 3.5e12  # bytes per second of the chunk passes and of the GEMMs' logits traffic
+_ATOMIC_BYTES = 1.5e12  # bytes per second of float32 atomic adds (into L2)
+_FUSED_RESIDENT_DIM = 64  # up to this D the fused backward keeps dh in registers (no dh atomics)
+
+
+def _predicted_seconds(
+    tokens: int, dim: int, vocab: int, itemsize: int, grad: bool
+) -> tuple[float, float]:
+    """(fused, chunked) predicted seconds of one call; see :func:`schedule`."""
+    gemm = 2 * tokens * dim * vocab / _GEMM_FLOPS[itemsize]  # one N x D x V GEMM on cuBLAS
+    logits = tokens * vocab
+    fused_s = max(gemm / _FUSED_GEMM_SHARE, logits * _LOGIT_SECONDS)
+    chunked_s = gemm + 2 * logits * itemsize / _STREAM_BYTES  # GEMM writes, pass reads
+    if grad:
+        # fused: recompute + dh + dW GEMMs; dW tiles (and dh tiles past the resident width)
+        # added with float32 atomics once per (128-token block, 128-wide vocabulary tile).
+        atomic = math.ceil(tokens / 128) * vocab * dim * 4
+        if dim > _FUSED_RESIDENT_DIM:
+            atomic += tokens * dim * math.ceil(vocab / 128) * 4
+        fused_s += 3 * gemm / _FUSED_GEMM_SHARE + logits * _LOGIT_SECONDS
+        fused_s += atomic / _ATOMIC_BYTES
+        # chunked: dh and dW GEMMs; the pass writes G and the GEMMs read it twice; dW is
+        # read and written once per chunk.
+        rows = chunked.chunk_rows(tokens, vocab, itemsize, torch.device("cuda"))
+        chunks = math.ceil(tokens / rows)
+        chunked_s += 2 * gemm + 4 * logits * itemsize / _STREAM_BYTES
+        chunked_s += chunks * 2 * vocab * dim * itemsize / _STREAM_BYTES
+    return fused_s, chunked_s
+
+
+def _gemm_dtype(x: Tensor) -> torch.dtype:
+    """Dtype of the head GEMMs on the Triton backends: autocast's for float32 ``x`` under
+    autocast on its device, ``x.dtype`` otherwise."""
+    if x.dtype == torch.float32 and torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def schedule(x: Tensor, weight: Tensor, *, grad: bool | None = None) -> str:
+    """Which schedule an exit-head op on ``x [..., D]`` and ``weight [V, D]`` runs.
+
+    ``"fused"`` or ``"chunked"`` (see the module docstring); ``grad``: whether the call computes
+    gradients (``None``: grad mode is on and ``x`` or ``weight`` requires grad; the ops count
+    the norm's parameters too). Inside :func:`use_schedule` the forced name; otherwise the cost
+    model, in this order:
+
+    1. torch backend: ``"chunked"`` (the fused kernel needs Triton; on the CPU the vendor GEMM
+       into one reused buffer beats the reference's recompute order, which is ``"fused"`` there);
+    2. float32 GEMMs with ``torch.get_float32_matmul_precision() == "highest"``: ``"chunked"``
+       (the fused kernel's float32 dots would be FMA loops without tensor cores; cuBLAS's
+       SGEMM is at least as fast and as exact);
+    3. gradients under ``torch.use_deterministic_algorithms(True)``: ``"chunked"`` (the fused
+       backward adds dW tiles with float atomics, whose order varies from run to run);
+    4. otherwise the faster of the two predicted times, with N = tokens, ``b`` bytes per
+       element, ``P`` cuBLAS's rate and ``S`` the streaming rate::
+
+           fused   = max(2NDV / (0.6 P), NV * 3e-13 s)  [+ 3x the GEMM part + NV * 3e-13 s
+                     + float32 atomics: (N/128) V D (+ N D (V/128) when D > 64) * 4 B / 1.5e12]
+           chunked = 2NDV / P + 2 NV b / S  [+ 4NDV / P + 4 NV b / S + chunks * 2 V D b / S]
+
+       (brackets: with gradients). The fused kernel wins where the softmax epilogue, not the
+       GEMM, sets the time (small D: ``seed``, D = 64); the chunked schedule wins where the
+       GEMM dominates (``gpt2``, ``llama3``): its 6NDV FLOPs run on cuBLAS, with no atomics.
+    """
+    if not isinstance(x, Tensor) or not isinstance(weight, Tensor):
+        raise TypeError("schedule: x and weight must be tensors (the op's x [..., D] and [V, D])")
+    if grad is not None and not isinstance(grad, bool):
+        raise TypeError(f"grad must be a bool or None, got {type(grad).__name__}")
+    if _FORCED_SCHEDULE is not None:
+        return _FORCED_SCHEDULE
+    if grad is None:
+        grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    if backend(x) == "torch":
+        return "chunked"
+    dtype = _gemm_dtype(x)
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "chunked"
+    if grad and torch.are_deterministic_algorithms_enabled():
+        return "chunked"
+    dim = x.shape[-1]
+    fused_s, chunked_s = _predicted_seconds(
+        x.numel() // max(dim, 1), dim, weight.shape[0], dtype.itemsize, grad
+    )
+    return "fused" if fused_s <= chunked_s else "chunked"
+
+
+def _check_fused_allowed(grad: bool) -> None:
+    """RuntimeError for the fused backward under deterministic algorithms (float atomics)."""
+    if grad and torch.are_deterministic_algorithms_enabled():
+        raise RuntimeError(
+            "norm_head_cross_entropy: the fused schedule's backward adds gradient tiles with "
+            "float atomics, which torch.use_deterministic_algorithms(True) forbids; use "
+            "ops.use_schedule('chunked') or 'auto' (which picks the deterministic schedule)"
+        )
+
+
+def _on_device(t: Tensor) -> contextlib.AbstractContextManager:
+    """``t``'s CUDA device as the current device for the kernel launches (no-op otherwise)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _requires_grad(*tensors: Tensor | None) -> bool:
+    """Whether a call on these tensors records gradients."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -285,9 +434,15 @@ def norm_head_logits(
         return reference.norm_head_logits(x, weight, norm_weight, norm_bias, norm=norm, eps=eps)
     from lego_kernels import head
 
-    logits = head.norm_head_logits(
-        _flat(x), weight.contiguous(), _contiguous(norm_weight), _contiguous(norm_bias), norm, eps
-    )
+    with _on_device(x):
+        logits = head.norm_head_logits(
+            _flat(x),
+            weight.contiguous(),
+            _contiguous(norm_weight),
+            _contiguous(norm_bias),
+            norm,
+            eps,
+        )
     return logits.reshape(*x.shape[:-1], weight.shape[0])
 
 
@@ -304,20 +459,25 @@ def exit_confidence(
     """Per-token confidence, prediction and logsumexp of the exit head, in one pass.
 
     Returns ``Confidence(confidence f32, prediction i64, lse f32)``, each of
-    shape ``x.shape[:-1]``; never stores the ``N x V`` logits. No gradient.
-    ``measure``: ``"max_prob"`` | ``"margin"`` | ``"entropy"`` (higher = more confident).
+    shape ``x.shape[:-1]``; never stores the ``N x V`` logits (the chunked schedule
+    holds one chunk's). No gradient. ``measure``: ``"max_prob"`` | ``"margin"`` |
+    ``"entropy"`` (higher = more confident). Which schedule runs: :func:`schedule`.
     """
     _check_head_args(x, weight, norm_weight, norm_bias, norm, eps)
     check_choice("measure", measure, MEASURES)
-    if backend(x) == "torch":
-        return reference.exit_confidence(
-            x, weight, norm_weight, norm_bias, norm=norm, eps=eps, measure=measure
-        )
-    from lego_kernels import head
+    kind, lead = backend(x), x.shape[:-1]
+    if schedule(x, weight, grad=False) == "fused":
+        if kind == "torch":
+            return reference.exit_confidence(
+                x, weight, norm_weight, norm_bias, norm=norm, eps=eps, measure=measure
+            )
+        from lego_kernels import head
 
-    lead = x.shape[:-1]
-    with torch.no_grad():
-        out = head.exit_confidence(
+        run = head.exit_confidence
+    else:
+        run = functools.partial(chunked.exit_confidence, use_triton=kind != "torch")
+    with torch.no_grad(), _on_device(x):
+        out = run(
             _flat(x),
             weight.contiguous(),
             _contiguous(norm_weight),
@@ -325,6 +485,7 @@ def exit_confidence(
             norm,
             eps,
             measure,
+            dtype=_gemm_dtype(x) if kind != "torch" else None,
         )
     return Confidence(*(t.reshape(lead) for t in out))
 
@@ -341,7 +502,7 @@ def confidence_from_logits(logits: Tensor, *, measure: str = "max_prob") -> Conf
     from lego_kernels import head
 
     lead = logits.shape[:-1]
-    with torch.no_grad():
+    with torch.no_grad(), _on_device(logits):
         out = head.confidence_from_logits(_flat(logits), measure)
     return Confidence(*(t.reshape(lead) for t in out))
 
@@ -363,13 +524,16 @@ def norm_head_cross_entropy(
 ) -> Tensor | tuple[Tensor, Confidence]:
     """Cross-entropy of the exit head, ``cross_entropy(norm(x) @ weight.T, targets)``.
 
-    Never materializes ``N x V`` (forward or backward). Loss is float32:
+    Never materializes ``N x V`` (forward or backward; the chunked schedule holds
+    one chunk's logits, within ``chunked.MEMORY_BUDGET``). Loss is float32:
     a scalar for ``reduction="mean"``/``"sum"``, ``x.shape[:-1]`` for ``"none"``.
     ``mean`` divides by the number of non-ignored tokens (0 if there is none);
-    with ``token_weights`` each token's loss is multiplied by its weight first.
+    with ``token_weights`` each token's loss is multiplied by its weight first
+    (``token_weights`` get their gradient too, on every backend).
     Backward computes only the gradients that are required (a frozen head
     costs no ``dW``). With ``return_confidence=True`` returns
-    ``(loss, Confidence)`` from the same pass, using ``measure``.
+    ``(loss, Confidence)`` from the same pass, using ``measure``. Which schedule
+    runs: :func:`schedule`.
     """
     _check_head_args(x, weight, norm_weight, norm_bias, norm, eps)
     check_choice("reduction", reduction, REDUCTIONS)
@@ -378,38 +542,46 @@ def norm_head_cross_entropy(
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     _check_targets(targets, x, weight.shape[0], ignore_index, token_weights)
     targets = targets.long()
-    if backend(x) == "torch":
-        return reference.norm_head_cross_entropy(
-            x,
-            weight,
-            targets,
-            norm_weight,
-            norm_bias,
-            norm=norm,
-            eps=eps,
-            ignore_index=ignore_index,
-            reduction=reduction,
-            token_weights=token_weights,
-            return_confidence=return_confidence,
-            measure=measure,
-        )
-    from lego_kernels import head
+    kind, lead = backend(x), x.shape[:-1]
+    grad = _requires_grad(x, weight, norm_weight, norm_bias)
+    if schedule(x, weight, grad=grad) == "fused":
+        if kind == "torch":
+            return reference.norm_head_cross_entropy(
+                x,
+                weight,
+                targets,
+                norm_weight,
+                norm_bias,
+                norm=norm,
+                eps=eps,
+                ignore_index=ignore_index,
+                reduction=reduction,
+                token_weights=token_weights,
+                return_confidence=return_confidence,
+                measure=measure,
+            )
+        _check_fused_allowed(grad)
+        from lego_kernels import head
 
-    lead = x.shape[:-1]
-    out = head.norm_head_cross_entropy(
-        _flat(x),
-        weight.contiguous(),
-        targets.reshape(-1).contiguous(),
-        _contiguous(norm_weight),
-        _contiguous(norm_bias),
-        norm,
-        eps,
-        ignore_index,
-        reduction,
-        None if token_weights is None else token_weights.reshape(-1).float().contiguous(),
-        return_confidence,
-        measure,
-    )
+        run = head.norm_head_cross_entropy
+    else:
+        run = functools.partial(chunked.norm_head_cross_entropy, use_triton=kind != "torch")
+    with _on_device(x):
+        out = run(
+            _flat(x),
+            weight.contiguous(),
+            targets.reshape(-1).contiguous(),
+            _contiguous(norm_weight),
+            _contiguous(norm_bias),
+            norm,
+            eps,
+            ignore_index,
+            reduction,
+            None if token_weights is None else token_weights.reshape(-1),
+            return_confidence,
+            measure,
+            dtype=_gemm_dtype(x) if kind != "torch" else None,
+        )
     if not return_confidence:
         return out.reshape(lead) if reduction == "none" else out
     loss, conf = out
@@ -495,7 +667,8 @@ def route(
         return reference.route(confidence, threshold, capacity=capacity)
     from lego_kernels import routing
 
-    indices, count = routing.route(confidence.reshape(-1), threshold, capacity)
+    with _on_device(confidence):
+        indices, count = routing.route(confidence.reshape(-1), threshold, capacity)
     return RoutePlan(indices, count, confidence.numel())
 
 
@@ -512,7 +685,8 @@ def gather_tokens(x: Tensor, plan: RoutePlan) -> Tensor:
     from lego_kernels import routing
 
     rows = x.reshape(plan.num_tokens, x.shape[-1])
-    return routing.gather_tokens(rows, plan.indices.contiguous())
+    with _on_device(x):
+        return routing.gather_tokens(rows, plan.indices.contiguous())
 
 
 def scatter_tokens(base: Tensor, src: Tensor, plan: RoutePlan) -> Tensor:
@@ -544,4 +718,5 @@ def scatter_tokens(base: Tensor, src: Tensor, plan: RoutePlan) -> Tensor:
     from lego_kernels import routing
 
     rows = base.reshape(plan.num_tokens, dim)
-    return routing.scatter_tokens(rows, src, plan.indices.contiguous()).reshape(base.shape)
+    with _on_device(base):
+        return routing.scatter_tokens(rows, src, plan.indices.contiguous()).reshape(base.shape)

@@ -13,11 +13,13 @@ Arguments are assumed valid (``ops`` validates them). Shapes:
 
 Precision: every op computes in ``promote_types(x.dtype, float32)``: float32
 for float32/bfloat16/float16 inputs and float64 for float64 inputs (the tests
-use float64 as the high-precision reference).
+use float64 as the high-precision reference), also under autocast, which the
+head ops switch off for their own computation.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import NamedTuple
 
@@ -47,6 +49,13 @@ class Confidence(NamedTuple):
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """float32 for half and float32 inputs, float64 for float64 inputs."""
     return torch.promote_types(dtype, torch.float32)
+
+
+def no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast off on ``device`` (the head ops choose their own precision)."""
+    if device.type in ("cpu", "cuda"):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def apply_norm(
@@ -143,7 +152,7 @@ def exit_confidence(
 ) -> Confidence:
     """``confidence_from_logits(norm(x) @ weight.T)``, chunked over tokens (no grad)."""
     lead, dim = x.shape[:-1], x.shape[-1]
-    with torch.no_grad():
+    with torch.no_grad(), no_autocast(x.device):
         h = apply_norm(x.reshape(-1, dim), norm_weight, norm_bias, norm, eps)
         w = weight.to(h.dtype)
         parts = [
@@ -207,15 +216,16 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_h = torch.zeros_like(h) if need_h else None
         grad_w = torch.zeros_like(weight) if need_w else None
         scale = torch.where(valid, grad_loss, 0.0)
-        for i in _chunks(h.shape[0]):
-            rows = slice(i, i + CHUNK_TOKENS)
-            g = (h[rows] @ weight.T).sub_(lse[rows, None]).exp_()  # softmax, in place
-            g[torch.arange(g.shape[0]), targets[rows]] -= 1.0
-            g *= scale[rows, None]
-            if need_h:
-                grad_h[rows] = g @ weight
-            if need_w:
-                grad_w += g.T @ h[rows]
+        with no_autocast(h.device):
+            for i in _chunks(h.shape[0]):
+                rows = slice(i, i + CHUNK_TOKENS)
+                g = (h[rows] @ weight.T).sub_(lse[rows, None]).exp_()  # softmax, in place
+                g[torch.arange(g.shape[0]), targets[rows]] -= 1.0
+                g *= scale[rows, None]
+                if need_h:
+                    grad_h[rows] = g @ weight
+                if need_w:
+                    grad_w += g.T @ h[rows]
         return grad_h, grad_w, None, None, None
 
 
@@ -246,11 +256,16 @@ def norm_head_cross_entropy(
     ``norm_weight`` and ``norm_bias``.
     """
     lead, dim = x.shape[:-1], x.shape[-1]
-    h = apply_norm(x.reshape(-1, dim), norm_weight, norm_bias, norm, eps)
-    flat_targets = targets.reshape(-1)
-    loss, confidence, prediction, lse = _ChunkedLinearCrossEntropy.apply(
-        h, weight.to(h.dtype), flat_targets, ignore_index, measure if return_confidence else None
-    )
+    with no_autocast(x.device):
+        h = apply_norm(x.reshape(-1, dim), norm_weight, norm_bias, norm, eps)
+        flat_targets = targets.reshape(-1)
+        loss, confidence, prediction, lse = _ChunkedLinearCrossEntropy.apply(
+            h,
+            weight.to(h.dtype),
+            flat_targets,
+            ignore_index,
+            measure if return_confidence else None,
+        )
     if token_weights is not None:
         loss = loss * token_weights.reshape(-1).to(loss.dtype)
     if reduction == "none":

@@ -48,8 +48,8 @@ def test_compare_json(smoke: tuple[int, str]) -> None:
 
     expected = {
         ("logits", "fwd"): ["lego", "eager"],
-        ("confidence", "fwd"): ["lego", "eager", "gemm"],
-        ("cross_entropy", "fwd+bwd"): ["lego", "eager"],
+        ("confidence", "fwd"): ["lego", "lego-fused", "lego-chunked", "eager", "gemm"],
+        ("cross_entropy", "fwd+bwd"): ["lego", "lego-fused", "lego-chunked", "eager"],
         ("routing", "fwd"): ["lego", "lego-capacity", "eager"],
     }
     shape = common.SHAPES["tiny"]
@@ -242,3 +242,54 @@ def test_plain_path_benchmark_writes_its_ratios(tmp_path: pathlib.Path) -> None:
     assert "general_over_plain" not in rows["deep supervision"]
     assert report["git"]["commit"] and report["threads"] == 1
     assert "| zero-weight stage | `1-2:0,3-4:1` |" in result.stdout
+
+
+def test_cpu_benchmark_writes_its_results(tmp_path: pathlib.Path) -> None:
+    """``python -m bench.cpu`` at the tiny shape (no compile): rows, ratios, files, provenance."""
+    from bench import cpu
+
+    threads = torch.get_num_threads()
+    try:
+        argv = ["--shapes", "tiny", "--reps", "1", "--peers", "reference,eager"]
+        with ops.use_backend("torch"):  # what the command runs without TRITON_INTERPRET
+            assert cpu.main([*argv, "--out", str(tmp_path)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    with open(tmp_path / "cpu.json") as f:
+        result = json.load(f)
+    meta, rows = result["meta"], result["rows"]
+    assert meta["threads"] == 1 and meta["commit"] and "dirty" in meta and meta["date"]
+    assert len(meta["load_average_start"]) == 3
+    for op, passes in (("cross_entropy", "fwd+bwd"), ("confidence", "fwd")):
+        got = [r for r in rows if r["op"] == op]
+        assert [r["impl"] for r in got] == ["lego", "reference", "eager"]
+        for r in got:
+            assert r["passes"] == passes and r["ms"] > 0 and r["extra_mib"] is not None
+            assert r["lego_ratio"] == pytest.approx(got[0]["ms"] / r["ms"])
+            assert r["rel_diff"] < 1e-5  # the same loss / confidence as eager PyTorch
+    text = (tmp_path / "cpu.md").read_text()
+    assert "x reference's time (target <= 0.7x)" in text and meta["commit"] in text
+    assert text.count("| tiny (64, 32, 1000) |") == len(rows)
+
+
+def test_cpu_benchmark_rejects_unknown_names(capsys: pytest.CaptureFixture[str]) -> None:
+    from bench import cpu
+
+    with pytest.raises(SystemExit) as info:
+        cpu.main(["--shapes", "huge"])
+    assert info.value.code == 2 and "--shapes" in capsys.readouterr().err
+
+
+def test_readme_cpu_table_is_the_committed_run() -> None:
+    """The README's CPU table and its provenance are what ``bench.cpu`` makes of the committed
+    ``bench/results/cpu/cpu.json``, digit for digit."""
+    from bench import cpu
+
+    with open(os.path.join(ROOT, "bench", "results", "cpu", "cpu.json")) as f:
+        result = json.load(f)
+    rows = [cpu.Row(**r) for r in result["rows"]]
+    with open(os.path.join(ROOT, "README.md")) as f:
+        text = f.read()
+    assert cpu.summary_table(rows) in text
+    assert cpu.provenance(result["meta"]) in text
+    assert {r.shape for r in rows} == set(cpu.DEFAULT_SHAPES.split(","))

@@ -16,6 +16,7 @@ from lego.data import (
     DATA_DIR_ENV,
     EOS,
     UNK,
+    TextCodec,
     batch_indices,
     encode_lines,
     load_hub_text,
@@ -24,6 +25,7 @@ from lego.data import (
     load_wikitext103,
     make_windows,
     read_wikitext_lines,
+    run_text_codec,
     seed_windows,
     synthetic_corpus,
 )
@@ -290,3 +292,52 @@ def test_synthetic_corpus_easy_tokens_are_deterministic():
         synthetic_corpus(16, vocab_size=8, num_hard=8)
     with pytest.raises(ValueError, match="valid_windows"):
         synthetic_corpus(16, valid_windows=0)
+
+
+@pytest.mark.parametrize("variant", ["standard", "seed"])
+def test_text_codec_of_a_run_has_the_corpus_vocabulary(tiny_dir, variant):
+    corpus = load_wikitext2(2, data_dir=tiny_dir, variant=variant, samples=1)
+    protocol = "seed" if variant == "seed" else "honest"
+    config = {"dataset": "wikitext-2", "protocol": protocol, "data_dir": tiny_dir}
+    codec = run_text_codec({**config, "vocab_size": corpus.vocab_size})
+    assert codec == corpus.codec == TextCodec(corpus.vocab, variant)
+    assert TextCodec(**codec.state()) == codec
+    with pytest.raises(ValueError, match="LEGO_DATA_DIR"):
+        run_text_codec({**config, "vocab_size": corpus.vocab_size + 1})
+    synthetic = run_text_codec({"dataset": "synthetic", "protocol": "honest", "vocab_size": 8})
+    assert synthetic == synthetic_corpus(4, vocab_size=8, num_hard=2, train_windows=1).codec
+    with pytest.raises(ValueError, match="save the model again"):
+        run_text_codec({**config, "dataset": "text", "vocab_size": 3})
+
+
+def test_text_codec_encodes_like_the_corpus_and_decodes_back(tiny_dir):
+    standard = TextCodec(load_wikitext2(2, data_dir=tiny_dir).vocab, "standard")
+    # As the training split's ids (no <eos> appended to a prompt); unknown words -> <unk>.
+    assert standard.encode("the cat sat") == ([0, 1, 2], [])
+    assert standard.encode("The  dog\tsat") == ([6, 6, 2], ["The", "dog"])
+    assert standard.decode([0, 5, 3]) == "the mat <eos>"
+    seed = TextCodec(load_wikitext2(2, data_dir=tiny_dir, variant="seed").vocab, "seed")
+    assert seed.encode("The DOG sat") == ([0, 5, 2], [])  # lowercased first
+    no_unk = TextCodec(("a", "b"), "standard")
+    assert no_unk.encode("a c b") == ([0, 1], ["c"])  # no <unk> word: dropped, still listed
+    with pytest.raises(ValueError, match="variant"):
+        TextCodec(("a",), "bpe")
+
+
+@pytest.mark.parametrize("tokenizer", ["char", "byte"])
+def test_text_codec_of_characters_and_bytes_encodes_like_the_corpus(tmp_path, tokenizer):
+    lines = {"train": ["abc ab\n"], "valid": ["ba\n"], "test": ["cab é\n"]}
+    files = []
+    for split, text in lines.items():
+        files.append(str(tmp_path / f"{split}.txt"))
+        (tmp_path / f"{split}.txt").write_text(text[0], encoding="utf-8")
+    codec = load_text_files(2, tuple(files), tokenizer=tokenizer).codec
+    assert codec.tokenizer == tokenizer and TextCodec(**codec.state()) == codec
+    vocab, streams = encode_lines(lines, tokenizer)
+    assert codec.vocab == vocab
+    ids, unknown = codec.encode("cab é")
+    assert ids == streams["test"][: len(ids)].tolist()  # as the test split's ids, no end of line
+    if tokenizer == "char":
+        assert unknown == ["é"] and codec.decode(ids) == "cab <unk>"
+    else:
+        assert unknown == [] and codec.decode(ids) == "cab é" and len(ids) == 6

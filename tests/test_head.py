@@ -1,4 +1,7 @@
-"""The Triton head kernels (``lego_kernels.head``, called through ``lego_kernels.ops``).
+"""The Triton head kernels (``lego_kernels.head``, called through ``lego_kernels.ops``), on both
+schedules: ``fused`` (the head kernels) and ``chunked`` (``lego_kernels.chunked``: torch's GEMM,
+then ``head.logits_pass`` over each chunk's logits); every op test that goes through an exit-head
+op takes the ``schedule`` fixture, which runs it once per schedule.
 
 Reference: ``lego_kernels.reference`` evaluated in float64 on a float64 copy of the inputs
 (after they were cast to the dtype under test), gradients by autograd through it.
@@ -16,13 +19,14 @@ vocabulary splits).
 """
 
 import dataclasses
+import functools
 import math
 import os
 
 import pytest
 import torch
 
-from lego_kernels import head, ops, reference
+from lego_kernels import chunked, head, ops, reference
 
 INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 CUDA = torch.cuda.is_available() and not INTERPRETER
@@ -43,6 +47,20 @@ if not (INTERPRETER or CUDA):
 @pytest.fixture
 def device() -> str:
     return DEVICE
+
+
+@pytest.fixture(params=ops.SCHEDULES)
+def schedule(request: pytest.FixtureRequest):
+    """Runs the test inside ``ops.use_schedule`` of each schedule."""
+    with ops.use_schedule(request.param):
+        yield request.param
+
+
+@pytest.fixture
+def fused():
+    """The fused schedule's kernels, whatever the cost model would pick (tests of those kernels)."""
+    with ops.use_schedule("fused"):
+        yield
 
 
 @dataclasses.dataclass
@@ -129,7 +147,7 @@ CONF_CASES = [  # (lead dims, D, V, norm, dtype)
 
 @pytest.mark.parametrize("measure", reference.MEASURES)
 @pytest.mark.parametrize(("lead", "D", "V", "norm", "dtype"), CONF_CASES)
-def test_exit_confidence(device, lead, D, V, norm, dtype, measure):
+def test_exit_confidence(device, schedule, lead, D, V, norm, dtype, measure):
     h = make_head(lead, D, V, norm, dtype, device)
     assert ops.backend(h.x).startswith("triton")
     out = ops.exit_confidence(*h.args(), norm=norm, measure=measure)
@@ -155,7 +173,7 @@ def test_confidence_from_logits(device, lead, V, dtype, measure):
     check_confidence(out, logits.double(), measure, dtype)
 
 
-def test_argmax_ties(device):
+def test_argmax_ties(device, schedule):
     """Equal top logits in different tiles and splits: a tied index, margin exactly 0."""
     V = 1000
     logits = torch.randn(3, V, device=device)
@@ -237,7 +255,7 @@ CE_CASES = [  # (lead dims, D, V, norm, dtype, reduction, weighted)
 
 
 @pytest.mark.parametrize(("lead", "D", "V", "norm", "dtype", "reduction", "weighted"), CE_CASES)
-def test_norm_head_cross_entropy(device, lead, D, V, norm, dtype, reduction, weighted):
+def test_norm_head_cross_entropy(device, schedule, lead, D, V, norm, dtype, reduction, weighted):
     h = make_head(lead, D, V, norm, dtype, device)
     targets = torch.randint(0, V, lead, device=device)
     targets.view(-1)[::4] = -7  # ignored tokens, with a non-default ignore_index
@@ -256,7 +274,7 @@ def test_norm_head_cross_entropy(device, lead, D, V, norm, dtype, reduction, wei
 
 
 @pytest.mark.parametrize("measure", reference.MEASURES)
-def test_cross_entropy_returns_confidence(device, measure):
+def test_cross_entropy_returns_confidence(device, schedule, measure):
     h = make_head((2, 3), 48, 1000, "rms", torch.float32, device)
     targets = torch.randint(0, 1000, (2, 3), device=device)
     targets[0, 0] = -100  # ignored tokens still get their confidence
@@ -270,7 +288,7 @@ def test_cross_entropy_returns_confidence(device, measure):
     assert_argmax(conf.prediction, ref_logits(h), ARGMAX_TOL[torch.float32])
 
 
-def test_all_ignored_mean_is_zero(device):
+def test_all_ignored_mean_is_zero(device, schedule):
     h = make_head((5,), 48, 300, "layer", torch.float32, device)
     x, w = h.x.requires_grad_(), h.weight.requires_grad_()
     targets = torch.full((5,), -100, device=device)
@@ -293,6 +311,7 @@ class _Spy:
         return launch
 
 
+@pytest.mark.usefixtures("fused")
 @pytest.mark.parametrize("frozen", ["head", "input", "norm"])
 def test_frozen_parameters_compute_no_gradient(device, frozen, monkeypatch):
     """A frozen head costs no dW (the dW path of the kernel does not run), and so on."""
@@ -324,6 +343,7 @@ def test_frozen_parameters_compute_no_gradient(device, frozen, monkeypatch):
     assert norm_launch["COMPUTE_DW"] == norm_launch["COMPUTE_DB"] == (frozen != "norm")
 
 
+@pytest.mark.usefixtures("fused")
 def test_no_dh_without_trainable_input(device, monkeypatch):
     """Only the head trains (norm=None, x frozen): the kernel computes dW alone."""
     spy = _Spy(head._ce_bwd_kernel)
@@ -338,11 +358,17 @@ def test_no_dh_without_trainable_input(device, monkeypatch):
     assert spy.launches[0]["COMPUTE_DH"] is False and spy.launches[0]["COMPUTE_DW"] is True
 
 
-def test_out_of_range_targets_count_as_ignored(device):
+@pytest.mark.parametrize("schedule_name", ops.SCHEDULES)
+def test_out_of_range_targets_count_as_ignored(device, schedule_name):
     """What ops documents for CUDA (where it skips the range check): such tokens are ignored."""
     h = make_head((4,), 48, 300, "rms", torch.float32, device)
     targets = torch.tensor([3, 300, -5, 7], device=device)
-    loss = head.norm_head_cross_entropy(
+    run = (
+        head.norm_head_cross_entropy
+        if schedule_name == "fused"
+        else functools.partial(chunked.norm_head_cross_entropy, use_triton=True)
+    )
+    loss = run(
         h.x,
         h.weight,
         targets,
@@ -366,7 +392,7 @@ def test_out_of_range_targets_count_as_ignored(device):
 # ---------------------------------------------------------------------------------- edge cases
 
 
-def test_empty_input(device):
+def test_empty_input(device, schedule):
     x = torch.randn(0, 3, 48, device=device, requires_grad=True)
     w = torch.randn(300, 48, device=device, requires_grad=True)
     nw = torch.ones(48, device=device, requires_grad=True)
@@ -385,7 +411,7 @@ def test_empty_input(device):
             assert loss.item() == 0.0
 
 
-def test_poisoned_outputs(device, monkeypatch):
+def test_poisoned_outputs(device, schedule, monkeypatch):
     """Every output element is written by a kernel: buffers start as NaN (floats) or -7 (ints)."""
     empty = torch.empty
 
@@ -416,6 +442,7 @@ def test_poisoned_outputs(device, monkeypatch):
         assert_rel(ours.grad, theirs.grad, TOL[torch.float32], "gradient")
 
 
+@pytest.mark.usefixtures("fused")
 def test_no_vocabulary_sized_buffers(device, monkeypatch):
     """Confidence and cross-entropy (forward and backward) allocate nothing of N x V elements."""
     N, D, V = 17, 8, 1000  # N * V > V * D, the size of dW
@@ -441,24 +468,129 @@ def test_no_vocabulary_sized_buffers(device, monkeypatch):
     assert sizes and max(sizes) < N * V
 
 
+@pytest.mark.usefixtures("fused")
 @pytest.mark.parametrize(
-    "blocks",
+    ("blocks", "precision"),
     [
-        {"programs": 1},  # one vocabulary split: the whole V in one program's loop
-        {"programs": 64, "block_n": 32, "block_k": 64},  # a split per tile; D in one K-step
-        {"block_m": 32, "block_n": 64, "block_k": 16},
+        ({"programs": 1}, "highest"),  # one vocabulary split: the whole V in one program's loop
+        ({"programs": 64, "block_n": 32, "block_k": 64}, "highest"),  # a split per tile
+        ({"block_m": 32, "block_n": 64, "block_k": 16}, "highest"),
+        ({"resident_dim": 64}, "high"),  # TF32 dots: D = 48 in one K-step, h tile resident
     ],
 )
-def test_tile_configurations(device, blocks, monkeypatch):
+def test_tile_configurations(device, blocks, precision, monkeypatch):
+    """Tile and grid variants of the fused kernels; on a GPU "high" runs TF32 (error ~1e-3)."""
     monkeypatch.setattr(head, "BLOCKS", dataclasses.replace(head.BLOCKS, **blocks))
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        _check_tiles(device, 1e-5 if INTERPRETER or precision == "highest" else 3e-3)
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def _check_tiles(device, tol):
     h = make_head((2, 5), 48, 300, "rms", torch.float32, device)
     targets = torch.randint(0, 300, (2, 5), device=device)
     for measure in reference.MEASURES:
-        check_confidence(
-            ops.exit_confidence(*h.args(), measure=measure), ref_logits(h), measure, torch.float32
-        )
+        out = ops.exit_confidence(*h.args(), measure=measure)
+        ref = reference.confidence_from_logits(ref_logits(h), measure=measure)
+        assert_rel(out.confidence, ref.confidence, tol, f"{measure} confidence")
+        assert_rel(out.lse, ref.lse, tol, "lse")
     (loss, _, grads), (ref_loss, _, ref_grads) = run_cross_entropy(h, targets, reduction="sum")
+    assert_rel(loss, ref_loss, tol, "loss")
+    for ours, theirs in zip(grads, ref_grads, strict=True):
+        assert_rel(ours, theirs, tol, "gradient")
+
+
+# ---------------------------------------------------------------------------------- schedules
+
+
+def test_deterministic_algorithms(device):
+    """Under ``torch.use_deterministic_algorithms(True)`` a training call takes the chunked
+    schedule (no float atomics) and two runs are bitwise equal (on a GPU this is the real test;
+    on the CPU it checks the choice, and that the fused schedule refuses to run its backward)."""
+    if device != "cpu" and not os.environ.get("CUBLAS_WORKSPACE_CONFIG"):
+        pytest.skip(
+            "deterministic cuBLAS needs CUBLAS_WORKSPACE_CONFIG=:4096:8 (gpu_check sets it)"
+        )
+    h = make_head((3, 5), 48, 300, "rms", torch.bfloat16, device)
+    targets = torch.randint(0, 300, (3, 5), device=device)
+    torch.use_deterministic_algorithms(True)
+    try:
+        x, w, nw, _ = h.leaf_args()
+        assert ops.schedule(x, w, grad=True) == "chunked"
+        runs = []
+        for _ in range(2):
+            x, w, nw, _ = h.leaf_args()
+            loss = ops.norm_head_cross_entropy(x, w, targets, nw)
+            loss.backward()
+            runs.append((loss, x.grad, w.grad, nw.grad))
+        for a, b in zip(*runs, strict=True):
+            assert torch.equal(a, b)
+        with ops.use_schedule("fused"), pytest.raises(RuntimeError, match="use_schedule"):
+            ops.norm_head_cross_entropy(x, w, targets, nw)
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_token_weights_get_their_gradient(device, schedule, reduction):
+    """token_weights are differentiable on every backend: d loss / d w_i = the token's loss."""
+    h = make_head((2, 5), 48, 300, "rms", torch.float32, device)
+    targets = torch.randint(0, 300, (2, 5), device=device)
+    targets[0, 0] = -100
+    weights = (torch.rand(2, 5, device=device) + 0.5).requires_grad_()
+    ref_weights = weights.detach().double().requires_grad_()
+    x, w, nw, _ = h.leaf_args()
+    rx, rw, rnw, _ = h.ref_args(grad=True)
+    for fn, args, tw in (
+        (ops.norm_head_cross_entropy, (x, w, targets, nw), weights),
+        (reference.norm_head_cross_entropy, (rx, rw, targets, rnw), ref_weights),
+    ):
+        fn(*args, reduction=reduction, token_weights=tw).sum().backward()
+    assert_rel(weights.grad, ref_weights.grad, TOL[torch.float32], "d token_weights")
+    assert weights.grad[0, 0] == 0
+    assert_rel(w.grad, rw.grad, TOL[torch.float32], "dW")
+
+
+def test_autocast_keeps_float32_statistics(device, schedule):
+    """Under autocast the GEMMs run in bfloat16 (float32 inputs, as F.linear would), the
+    statistics in float32: the mean loss is as accurate as bf16 logits allow (the bug was
+    bf16-rounded per-token losses: 5e-3 off)."""
+    h = make_head((64,), 32, 500, "rms", torch.float32, device)
+    targets = torch.randint(0, 500, (64,), device=device)
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+        loss, conf = ops.norm_head_cross_entropy(
+            *h.args()[:2], targets, h.norm_weight, return_confidence=True
+        )
+        exit_conf = ops.exit_confidence(*h.args()[:3], measure="max_prob")
+    ref_loss, ref_conf = reference.norm_head_cross_entropy(
+        *h.ref_args()[:2], targets, h.ref_args()[2], return_confidence=True
+    )
+    assert loss.dtype == conf.lse.dtype == exit_conf.confidence.dtype == torch.float32
+    assert abs(loss.item() - ref_loss.item()) < 5e-4
+    assert_rel(conf.lse, ref_conf.lse, 1e-3, "lse")
+    assert_rel(exit_conf.confidence, ref_conf.confidence, 2e-2, "confidence")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(
+    not CUDA or torch.cuda.device_count() < 2,
+    reason="needs two CUDA GPUs (and LEGO_TEST_CUDA=1): tensors on cuda:1, cuda:0 current",
+)
+@pytest.mark.parametrize("schedule_name", ops.SCHEDULES)
+def test_launches_run_on_the_tensors_device(schedule_name):
+    h = make_head((33,), 64, 1000, "rms", torch.float32, "cuda:1")
+    targets = torch.randint(0, 1000, (33,), device="cuda:1")
+    torch.cuda.set_device(0)
+    with ops.use_schedule(schedule_name):
+        (loss, _, grads), (ref_loss, ref_conf, ref_grads) = run_cross_entropy(
+            h, targets, return_confidence=True
+        )
+        exit_conf = ops.exit_confidence(*h.args())
     assert_rel(loss, ref_loss, TOL[torch.float32], "loss")
+    assert_rel(exit_conf.confidence, ref_conf.confidence, TOL[torch.float32], "confidence")
     for ours, theirs in zip(grads, ref_grads, strict=True):
         assert_rel(ours, theirs, TOL[torch.float32], "gradient")
 
@@ -473,7 +605,7 @@ class TestCuda:
 
     @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
     @pytest.mark.parametrize(("N", "D", "V"), [(2048, 64, 69830), (256, 512, 128256)])
-    def test_large_vocabulary(self, N, D, V, dtype):
+    def test_large_vocabulary(self, schedule, N, D, V, dtype):
         h = make_head((N,), D, V, "rms", dtype, "cuda")
         logits = ref_logits(h)
         for measure in reference.MEASURES:
@@ -488,7 +620,7 @@ class TestCuda:
             assert_rel(ours, theirs, TOL[dtype], "gradient")
 
     @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-    def test_wide_hidden(self, dtype):
+    def test_wide_hidden(self, schedule, dtype):
         h = make_head((64,), 8192, 1000, "layer", dtype, "cuda")
         check_confidence(
             ops.exit_confidence(*h.args(), norm="layer"), ref_logits(h), "max_prob", dtype
@@ -499,7 +631,7 @@ class TestCuda:
         for ours, theirs in zip(grads, ref_grads, strict=True):
             assert_rel(ours, theirs, TOL[dtype], "gradient")
 
-    def test_no_host_synchronization(self):
+    def test_no_host_synchronization(self, schedule):
         h = make_head((512,), 64, 69830, "rms", torch.bfloat16, "cuda")
         x, w, nw, _ = h.leaf_args()
         targets = torch.randint(0, 69830, (512,), device="cuda")

@@ -33,3 +33,14 @@ def test_readme_tables_are_the_committed_results():
         runs = load_runs(str(ROOT / "results" / folder))
         assert runs, f"results/{folder} holds no run"
         assert make(runs) in text, f"README.md does not show the table of results/{folder}"
+
+
+def test_readme_generate_tables_are_the_committed_results():
+    """The tokens/s tables of the README's Generate section are those of the committed
+    ``python -m bench.generate`` run, row for row."""
+    text = (ROOT / "README.md").read_text()
+    results = (ROOT / "bench" / "results" / "cpu" / "generate.md").read_text()
+    rows = [line for line in results.splitlines() if line.startswith("| ")]
+    assert len(rows) > 20
+    for row in rows:
+        assert row in text, f"README.md lacks the row {row!r} of bench/results/cpu/generate.md"

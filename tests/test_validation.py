@@ -59,6 +59,8 @@ BAD_CALLS = [
     (TE, "plan", lambda: ops.gather_tokens(X, [0, 1])),
     (TE, "src", lambda: ops.scatter_tokens(X, X[:2].double(), PLAN)),
     (VE, "name", lambda: ops.use_backend("cuda").__enter__()),
+    (VE, "name", lambda: ops.use_schedule("fast").__enter__()),
+    (TE, "grad", lambda: ops.schedule(X, W, grad=1)),
     # LegoModel
     (TE, "config", lambda: LegoModel({"vocab_size": V})),
     (TE, "ids", lambda: MODEL(IDS.float())),
