@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import datetime
 import importlib.metadata
-import os
 import platform
 import subprocess
 import time
@@ -21,6 +20,8 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import Tensor
+
+from lego.train import git_stamp
 
 if TYPE_CHECKING:
     from pytest_benchmark.fixture import BenchmarkFixture
@@ -280,19 +281,10 @@ def _nvidia_driver() -> str:
 
 
 def git_commit() -> dict[str, object]:
-    """``{"commit": short sha, "dirty": uncommitted changes?}`` of this checkout
-    (``"unknown"`` outside a git checkout)."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-    def git(*args: str) -> str:
-        return subprocess.run(
-            ["git", *args], cwd=root, capture_output=True, text=True, check=True, timeout=20
-        ).stdout.strip()
-
-    try:
-        return {"commit": git("rev-parse", "--short", "HEAD"), "dirty": bool(git("status", "-s"))}
-    except (OSError, subprocess.SubprocessError):
-        return {"commit": "unknown", "dirty": None}
+    """``{"commit": short sha, "dirty": tracked files changed?}`` of this checkout
+    (``lego.train.git_stamp``, as the training runs record it; ``"unknown"`` outside a
+    git checkout)."""
+    return git_stamp() or {"commit": "unknown", "dirty": None}
 
 
 def machine_info(device: str) -> dict[str, str]:

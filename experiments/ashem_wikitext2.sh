@@ -8,8 +8,11 @@
 #
 # STEP: table1, table2 (seeds from SEEDS, default "0 1 2"), sweep, shape2 (Table 3: the
 # second shape, dim 512, 8 layers, exit after 4; seeds from SHAPE2_SEEDS, default "0";
-# its runs, then its sweep and plot), tables (default: all but shape2, which needs hours
-# of CPU per run). EPOCHS (default 1) is the epoch budget of each run of Tables 2 and 3
+# its runs, then its sweep and plot), table4 (the draft's proposed shape, dim 128,
+# 3 -> 6 layers, exit after 3, with the LayerSkip-style strategy; seed 0; TABLE4_SAMPLES
+# training windows, default 0 = all, TABLE4_EPOCHS epochs, default EPOCHS, and
+# TABLE4_EVAL_SAMPLES validation/test windows, default 0 = all), tables (default: all but
+# shape2 and table4, which need hours of CPU per run). EPOCHS (default 1) is the epoch budget of each run of Tables 2 and 3
 # on the full training split; SHAPE2_SAMPLES (default 0 = all) keeps only that many
 # training windows in Table 3's runs (a smaller budget for a CPU); SWEEP_RATIOS (default:
 # lego.experiment's) are the exit ratios of the sweeps, comma-separated.
@@ -24,6 +27,9 @@ RESULTS=${RESULTS:-results}
 SHAPE2_SEEDS=${SHAPE2_SEEDS:-"0"}
 SHAPE2_SAMPLES=${SHAPE2_SAMPLES:-0}
 SWEEP_RATIOS=${SWEEP_RATIOS:-}
+TABLE4_SAMPLES=${TABLE4_SAMPLES:-0}
+TABLE4_EPOCHS=${TABLE4_EPOCHS:-$EPOCHS}
+TABLE4_EVAL_SAMPLES=${TABLE4_EVAL_SAMPLES:-0}
 PLOT=${PLOT:-docs/threshold-sweep.png}
 PLOT2=${PLOT2:-docs/threshold-sweep-shape2.png}
 CKPT=${CKPT:-runs/checkpoints}
@@ -64,8 +70,9 @@ train() {  # train OUT.json FLAG...: one run, skipped when OUT.json exists or is
     rm -rf "$CKPT/$name.lock"
 }
 
-table1() {  # the draft's protocol and settings (the trainer's defaults)
-    train "$RESULTS/table1/ashem-seed-protocol-seed0.json" --strategy ashem --protocol seed --seed 0
+table1() {  # the original code's procedure, settings and model (the trainer's defaults + --arch)
+    train "$RESULTS/table1/ashem-seed-protocol-seed0.json" --strategy ashem --protocol seed \
+        --arch seed --seed 0
 }
 
 honest() {  # honest DIR SUFFIX LOW HIGH SEED FLAG...: the five rows of Table 2 (or 3)
@@ -107,6 +114,19 @@ shape2() {  # Table 3: Table 2's rows where the layers cost more than the head
         --out "$PLOT2"
 }
 
+table4() {  # the draft's proposed shape with the honest protocol, and the LayerSkip row
+    local dir=$RESULTS/table4 seed=0
+    local run=(--samples "$TABLE4_SAMPLES" --epochs "$TABLE4_EPOCHS" --seed "$seed" --dim 128)
+    run+=(--eval-samples "$TABLE4_EVAL_SAMPLES")
+    train "$dir/ashem-propagate-table4-seed$seed.json" --strategy ashem "${run[@]}" \
+        --phase1-layers 3 --phase2-layers 6 --context propagate
+    train "$dir/standard-6l-table4-seed$seed.json" --strategy standard --layers 6 "${run[@]}"
+    train "$dir/deep-supervision-table4-seed$seed.json" --strategy deep-supervision \
+        --layers 6 --exit-layer 3 --exit-ratio 0.5 "${run[@]}"
+    train "$dir/layerskip-table4-seed$seed.json" --strategy layerskip --layers 6 \
+        --exit-layer 3 --exit-ratio 0.5 "${run[@]}"
+}
+
 sweep_models() {  # sweep_models DIR NAME...: sweep each saved model into DIR/NAME.json
     local dir=$1 name
     shift
@@ -129,7 +149,7 @@ sweep() {  # exit ratio against test perplexity, seed 0's ASHEM and deep-supervi
 
 tables() {
     python -m lego.experiment tables --table1 "$RESULTS/table1" --table2 "$RESULTS/table2" \
-        --shape2 "$RESULTS/shape2" --out "$RESULTS/tables.md"
+        --shape2 "$RESULTS/shape2" --table4 "$RESULTS/table4" --out "$RESULTS/tables.md"
 }
 
 for step in "${@:-table1 table2 sweep tables}"; do

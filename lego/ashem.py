@@ -7,22 +7,31 @@
 2. Threshold: the ``hard_example_ratio`` quantile of the exit confidence at layer
    ``phase1_layers`` on the mining split, so that share of its tokens is hard.
 3. Hard tokens: those with confidence below the threshold.
-4. Phase 2: ``model.extend(phase2_layers)``; the embedding, the lower layers and every
-   exit that already exists stay frozen (bit-identical); the new layers train on the
-   hard tokens only, with early stopping on the validation two-stage perplexity.
-5. Two-stage evaluation (``LegoModel.early_exit``): easy tokens exit at
-   ``phase1_layers``, hard ones run the full depth.
+4. Phase 2: ``model.extend(phase2_layers)``; the embedding and the lower layers stay
+   frozen (bit-identical); the new layers train on the hard tokens only, with early
+   stopping on the validation two-stage perplexity.
+5. Two-stage evaluation: easy tokens exit at ``phase1_layers``, hard ones run the
+   full depth.
 
 Protocols:
 
-- ``"honest"`` (default): threshold and hard tokens from the training split; phase 2
-  runs the new layers through ``LegoModel.run_layers_routed`` on the training windows,
-  with the attention ``context`` that inference uses; early stopping on validation;
-  final numbers on test.
-- ``"seed"``: the paper draft's procedure, to compare with its numbers: hard tokens
-  mined from the validation split, phase 2 trained on them with each hard token fed
-  alone to the new layers (its exit-layer state as a length-1 sequence, no context),
-  early stopping and final numbers on validation too.
+- ``"honest"`` (default): threshold and hard tokens from the training split; every
+  exit that already exists stays frozen in phase 2 too (so the exit behaves as it was
+  mined); phase 2 runs the new layers through ``LegoModel.run_layers_routed`` on the
+  training windows, with the attention ``context`` that inference uses; early stopping
+  on validation; final numbers on test, with the real two-stage inference of
+  ``LegoModel.early_exit``.
+- ``"seed"``: the original code's procedure (``colab2.py``), to compare with the
+  draft's numbers: batches in a fixed order (phase 1 in order, phase 2 shuffled once);
+  hard tokens mined from the validation split; phase 2 trains the new layers *and the
+  shared exit head* (only the embedding and the lower layers are frozen, so the exit's
+  confidences move after the threshold was fixed), with each hard token fed alone to
+  the new layers (its exit-layer state as a length-1 sequence, no context); early
+  stopping and final numbers on validation, with the original's dense two-stage
+  evaluation (``lego.trainer.dense_two_stage``: every layer on every token). Its
+  ``hard_ppl`` is the original's too: the mined hard tokens, each alone through the
+  new layers (``isolated_hard_ppl``); ``two_stage_hard_ppl`` is the two-stage
+  evaluation's tokens that did not exit.
 
 With a ``Checkpointer``, ``run_ashem`` saves its state after every epoch of both
 phases and at the phase boundary (the extended model, the threshold, the hard-token
@@ -51,7 +60,9 @@ from lego_kernels import ops
 PROTOCOLS = ("honest", "seed")
 # Per protocol: the split that hard tokens are mined from, and the one evaluated.
 PROTOCOL_SPLITS = {"honest": ("train", "test"), "seed": ("valid", "valid")}
-# The keys of ``ASHEMResult.eval``.
+# Per protocol: the batch order of phase 1 and of phase 2 (``Trainer``'s ``order``).
+PROTOCOL_ORDERS = {"honest": ("epoch", "epoch"), "seed": ("none", "once")}
+# The keys of ``ASHEMResult.eval`` (honest protocol).
 EVAL_KEYS = (
     "split",
     "phase1_ppl",
@@ -66,6 +77,8 @@ EVAL_KEYS = (
     "wall_time_s",
     "full_wall_time_s",
 )
+# The keys of ``ASHEMResult.eval`` under the seed protocol (nothing is skipped: no times).
+SEED_EVAL_KEYS = (*EVAL_KEYS[:-2], "two_stage_hard_ppl")
 
 
 @dataclass
@@ -77,7 +90,8 @@ class ASHEMResult:
     the split evaluated (``"split"``) and its metrics ``phase1_ppl``, ``phase1_acc``,
     ``phase1_hard_ppl``, ``two_stage_ppl``, ``two_stage_acc``, ``hard_ppl``,
     ``exit_ratio``, ``layer_cost``, ``flops_cost``, ``wall_time_s`` (two-stage inference)
-    and ``full_wall_time_s`` (the full-depth forward of the extended model, same batches).
+    and ``full_wall_time_s`` (the full-depth forward of the extended model, same batches);
+    under the seed protocol ``SEED_EVAL_KEYS`` (module docstring).
     """
 
     threshold: float
@@ -111,18 +125,41 @@ class RoutedHardTokenTrainer(Trainer):
 
 class IsolatedHardTokenTrainer(Trainer):
     """Phase 2, seed protocol: a batch is ``(states [K, D], targets [K])``, the exit-layer
-    states of hard tokens, each run through the new layers alone (a length-1 sequence)."""
+    states of hard tokens, each run through the new layers alone (a length-1 sequence).
+    Validation is the original's dense two-stage evaluation."""
 
-    def batch_loss(self, states: Tensor, targets: Tensor) -> Tensor:
+    def batch_loss(self, states: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:
         model = self.model
         h = model.run_layers(
             states[:, None, :], self.config.exit_layer + 1, model.config.num_layers
         )
-        return model.exit_loss(h[:, 0], targets)
+        return model.exit_loss(h[:, 0], targets, reduction=reduction)
 
     def batch_tokens(self, states: Tensor, targets: Tensor) -> int:
         """The hard tokens of the batch, which the loss averages over."""
         return targets.numel()
+
+    def validate(self, windows: Tensor) -> dict[str, float]:
+        return evaluate(
+            self.model,
+            windows,
+            batch_size=self.eval_batch_size,
+            exit_layer=self.config.exit_layer,
+            threshold=self.config.routing_threshold,
+            measure=self.measure,
+            quiet=self.quiet,
+            dense=True,
+        )
+
+    @torch.no_grad()
+    def isolated_hard_ppl(self, states: Tensor, targets: Tensor) -> float:
+        """Perplexity of the hard tokens ``(states [K, D], targets [K])``, each alone
+        through the new layers (the original's ``evaluate_on_hard_examples``)."""
+        total = 0.0
+        for idx in batch_indices(targets.numel(), self.eval_batch_size):
+            batch = (states[idx].to(self.device), targets[idx].to(self.device))
+            total += self.batch_loss(*batch, reduction="sum").item()
+        return math.exp(total / targets.numel())
 
 
 def confidence_threshold(confidence: Tensor, ratio: float) -> float:
@@ -213,6 +250,7 @@ def run_ashem(
     measure: str = "max_prob",
     epochs: int = 10,
     batch_size: int = 64,
+    eval_batch_size: int | None = None,
     seed: int = 0,
     quiet: bool = False,
     checkpoint: Checkpointer | None = None,
@@ -222,7 +260,9 @@ def run_ashem(
 
     ``protocol``: ``"honest"`` or ``"seed"`` (module docstring); ``context``: the deep
     layers' attention context in phase 2 and at inference; ``measure``: the confidence
-    measure; ``epochs``: the most epochs of each phase; ``seed``: shuffling;
+    measure; ``epochs``: the most epochs of each phase; ``batch_size`` /
+    ``eval_batch_size``: windows per training step / per evaluation batch (default: the
+    same); ``seed``: shuffling;
     ``checkpoint``: saves every epoch and the phase boundary, and holds the state to
     resume from (``checkpoint.state``), if any.
     """
@@ -235,8 +275,11 @@ def run_ashem(
             f"model has {model.config.num_layers} layers but config.phase1_layers is {low}; "
             f"build it with ModelConfig(num_layers={low})"
         )
-    common = {"batch_size": batch_size, "context": context, "measure": measure, "quiet": quiet}
+    eval_batch_size = eval_batch_size or batch_size
+    common = {"context": context, "measure": measure, "quiet": quiet}
+    train_kwargs = {"batch_size": batch_size, "eval_batch_size": eval_batch_size, **common}
     saved = checkpoint.state if checkpoint is not None else None
+    order1, order2 = PROTOCOL_ORDERS[protocol]
 
     def save(state: dict[str, Any], also_as: str | None = None) -> None:
         if checkpoint is not None:
@@ -247,7 +290,9 @@ def run_ashem(
     else:
         # Phase 1: the shallow model on all training windows.
         phase1_config = TrainingConfig(stages=[StageConfig(layers=(1, low))])
-        trainer1 = Trainer(model, phase1_config, lr=config.phase1_lr, seed=seed, **common)
+        trainer1 = Trainer(
+            model, phase1_config, lr=config.phase1_lr, seed=seed, order=order1, **train_kwargs
+        )
         if saved is not None:
             trainer1.load_state_dict(saved["trainer"])
         fit1 = trainer1.fit(
@@ -264,20 +309,23 @@ def run_ashem(
             config.hard_example_ratio,
             protocol=protocol,
             measure=measure,
-            batch_size=batch_size,
+            batch_size=eval_batch_size,
             quiet=quiet,
         )
         mined["phase1"] = dataclasses.asdict(fit1)
     threshold, hard = mined["threshold"], mined["hard"]
 
-    # Phase 2: new layers on the hard tokens, everything that existed frozen.
+    # Phase 2: new layers on the hard tokens; the lower model frozen (honest: its exit
+    # head too; seed: the shared head trains, as in the original).
     model.extend(high)
-    model.freeze_lower(low, head=not model.config.per_exit_heads)
+    model.freeze_lower(low, head=protocol == "honest" and not model.config.per_exit_heads)
     phase2_config = TrainingConfig(
         stages=[StageConfig(layers=(low + 1, high))], routing_threshold=threshold, exit_layer=low
     )
     phase2_class = IsolatedHardTokenTrainer if protocol == "seed" else RoutedHardTokenTrainer
-    trainer2 = phase2_class(model, phase2_config, lr=config.phase2_lr, seed=seed, **common)
+    trainer2 = phase2_class(
+        model, phase2_config, lr=config.phase2_lr, seed=seed, order=order2, **train_kwargs
+    )
     if saved is not None and saved["phase"] == 2:
         trainer2.load_state_dict(saved["trainer"])
     else:
@@ -285,7 +333,7 @@ def run_ashem(
     mine_split, eval_split = PROTOCOL_SPLITS[protocol]
     mine = corpus.split(mine_split)
     if protocol == "seed":
-        data = hard_token_states(model, mine, hard, exit_layer=low, batch_size=batch_size)
+        data = hard_token_states(model, mine, hard, exit_layer=low, batch_size=eval_batch_size)
     else:
         keep = hard.any(dim=1)
         data = (mine[keep], hard[keep])
@@ -299,29 +347,40 @@ def run_ashem(
     )
 
     # Two-stage evaluation.
-    two_stage = evaluate(
-        model,
-        corpus.split(eval_split),
-        exit_layer=low,
-        threshold=threshold,
-        time_full=True,
-        **common,
-    )
+    windows = corpus.split(eval_split)
+    if protocol == "seed":
+        two_stage = trainer2.validate(windows)
+        extra = {
+            "hard_ppl": trainer2.isolated_hard_ppl(*data),
+            "two_stage_hard_ppl": two_stage["hard_ppl"],
+        }
+    else:
+        two_stage = evaluate(
+            model,
+            windows,
+            exit_layer=low,
+            threshold=threshold,
+            time_full=True,
+            batch_size=eval_batch_size,
+            **common,
+        )
+        extra = {
+            "hard_ppl": two_stage["hard_ppl"],
+            "wall_time_s": two_stage["wall_time_s"],
+            "full_wall_time_s": two_stage["full_wall_time_s"],
+        }
+    metrics = {
+        "two_stage_ppl": two_stage["ppl"],
+        "two_stage_acc": two_stage["acc"],
+        **{k: two_stage[k] for k in ("exit_ratio", "layer_cost", "flops_cost")},
+        **extra,
+    }
+    keys = SEED_EVAL_KEYS if protocol == "seed" else EVAL_KEYS
+    ev = {"split": eval_split, **mined["phase1_eval"], **metrics}
     return ASHEMResult(
         threshold=threshold,
         hard_ratio=hard.float().mean().item(),
         phase1=FitResult(**mined["phase1"]),
         phase2=phase2,
-        eval={
-            "split": eval_split,
-            **mined["phase1_eval"],
-            "two_stage_ppl": two_stage["ppl"],
-            "two_stage_acc": two_stage["acc"],
-            "hard_ppl": two_stage["hard_ppl"],
-            "exit_ratio": two_stage["exit_ratio"],
-            "layer_cost": two_stage["layer_cost"],
-            "flops_cost": two_stage["flops_cost"],
-            "wall_time_s": two_stage["wall_time_s"],
-            "full_wall_time_s": two_stage["full_wall_time_s"],
-        },
+        eval={k: ev[k] for k in keys},
     )

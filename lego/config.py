@@ -9,9 +9,20 @@ the seed: ``StageConfig(layers=(1, 2))`` is the block of the first two layers.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
+from lego.exit_loss import LOSS_SCALES, loss_scales
+
 NORMS = ("rms", "layer")
+NORM_POSITIONS = ("pre", "post")
+INITS = ("normal", "trunc_normal")
+# Model variants by name (``--arch``): the ``ModelConfig`` fields each one sets.
+# ``"seed"`` is the original research code's block: post-norm, no norm before the
+# head, SwiGLU width 4 x dim, truncated-normal init with std 1/sqrt(dim).
+ARCHS = ("lego", "seed")
+# How a stage's layer range carries loss: at its end layer only, or at every layer.
+STAGE_LOSSES = ("end", "every")
 
 
 def _check_int(name: str, value: object, minimum: int) -> None:
@@ -36,12 +47,19 @@ def _check_positive(name: str, value: object) -> None:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Shape of a decoder-only pre-norm Transformer (RoPE attention, SwiGLU FFN).
+    """Shape of a decoder-only Transformer (RoPE attention, SwiGLU FFN).
 
     ``hidden_dim`` is the SwiGLU width; ``None`` picks ``8/3 * dim`` rounded up to
     a multiple of 8 (stored back into the field, so ``asdict`` shows the width used).
     ``per_exit_heads=True`` gives every layer its own exit norm + head; otherwise
     one final norm + head is shared by every exit.
+
+    The block variant: ``norm_position="pre"`` (default) normalizes each sublayer's
+    input (``h + f(norm(h))``), ``"post"`` its residual sum (``norm(h + f(h))``);
+    ``exit_norm=False`` feeds the exit heads the states without a norm;
+    ``init="normal"`` draws every weight from N(0, 0.02), ``"trunc_normal"`` the linear
+    layers (head included) from a truncated normal with std ``1/sqrt(dim)`` and the
+    embedding with std 0.02 (the original code's). :func:`arch_fields` names the sets.
     """
 
     vocab_size: int
@@ -54,6 +72,9 @@ class ModelConfig:
     norm_eps: float = 1e-6
     rope_base: float = 10000.0
     per_exit_heads: bool = False
+    norm_position: str = "pre"
+    exit_norm: bool = True
+    init: str = "normal"
 
     def __post_init__(self) -> None:
         _check_int("vocab_size", self.vocab_size, 1)
@@ -80,10 +101,40 @@ class ModelConfig:
         _check_positive("rope_base", self.rope_base)
         if not isinstance(self.per_exit_heads, bool):
             raise TypeError(f"per_exit_heads must be a bool, got {self.per_exit_heads!r}")
+        if self.norm_position not in NORM_POSITIONS:
+            raise ValueError(
+                f"norm_position must be one of {NORM_POSITIONS}, got {self.norm_position!r}"
+            )
+        if not isinstance(self.exit_norm, bool):
+            raise TypeError(f"exit_norm must be a bool, got {self.exit_norm!r}")
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
 
     @property
     def head_dim(self) -> int:
         return self.dim // self.num_heads
+
+    @property
+    def head_norm(self) -> str | None:
+        """The norm the exits apply before their head, as ``lego_kernels.ops`` takes it:
+        ``norm``, or ``None`` when ``exit_norm`` is off."""
+        return self.norm if self.exit_norm else None
+
+
+def arch_fields(arch: str, dim: int) -> dict[str, object]:
+    """The ``ModelConfig`` fields of the model variant ``arch`` (one of ``ARCHS``) at
+    width ``dim``: ``{}`` for ``"lego"`` (the defaults), the original code's block for
+    ``"seed"``."""
+    if arch not in ARCHS:
+        raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
+    if arch == "lego":
+        return {}
+    return {
+        "norm_position": "post",
+        "exit_norm": False,
+        "hidden_dim": 4 * dim,
+        "init": "trunc_normal",
+    }
 
 
 @dataclass(frozen=True)
@@ -107,6 +158,25 @@ class StageConfig:
             raise ValueError(f"loss_weight must be >= 0, got {self.loss_weight}")
 
 
+def parse_stages(text: str) -> tuple[StageConfig, ...]:
+    """Stages from ``"START-END:WEIGHT,..."`` (1-indexed, inclusive; ``"3"`` is the range
+    ``3-3``; the weight defaults to 1), e.g. ``"1-2:0.3,3-4:1.0"``. ``ValueError`` naming
+    ``--stages`` and the bad part otherwise (ascending order is ``TrainingConfig``'s
+    check)."""
+    stages = []
+    for part in text.split(","):
+        match = re.fullmatch(r"\s*(\d+)(?:-(\d+))?(?::([^,]+))?\s*", part)
+        if match is None:
+            raise ValueError(f"--stages: {part!r} is not START-END:WEIGHT (e.g. 1-2:0.3,3-4:1.0)")
+        start, end, weight = match.groups()
+        try:
+            loss_weight = float(weight) if weight is not None else 1.0
+            stages.append(StageConfig((int(start), int(end or start)), loss_weight))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"--stages: {part.strip()!r}: {e}") from None
+    return tuple(stages)
+
+
 @dataclass(frozen=True)
 class TrainingConfig:
     """Stages (ascending, non-overlapping) and the early-exit routing setting.
@@ -114,11 +184,20 @@ class TrainingConfig:
     A token whose exit confidence at ``exit_layer`` is at least
     ``routing_threshold`` exits there; ``routing_threshold = 0`` turns routing off.
     ``stages`` may be given as a list; it is stored as a tuple.
+
+    Where the loss is (``layer_weights``): ``stage_loss="end"`` (default) puts one exit
+    loss after each stage's end layer; ``"every"`` one after every layer of each stage's
+    range, each with the stage's weight (the original code's ``StageConfig((s, e))``).
+    ``loss_scale`` (one of ``lego.exit_loss.LOSS_SCALES``, or ``None``) multiplies the
+    weight of each exit below the model's last layer by that depth scale (torchtune's
+    early-exit loss: the scales of those exits sum to 1).
     """
 
     stages: tuple[StageConfig, ...]
     routing_threshold: float = 0.0
     exit_layer: int = 1
+    stage_loss: str = "end"
+    loss_scale: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.stages, (tuple, list)) or len(self.stages) == 0:
@@ -140,11 +219,37 @@ class TrainingConfig:
         if not 0.0 <= threshold <= 1.0:
             raise ValueError(f"routing_threshold must be in [0, 1], got {threshold}")
         _check_int("exit_layer", self.exit_layer, 1)
+        if self.stage_loss not in STAGE_LOSSES:
+            raise ValueError(f"stage_loss must be one of {STAGE_LOSSES}, got {self.stage_loss!r}")
+        if self.loss_scale is not None and self.loss_scale not in LOSS_SCALES:
+            raise ValueError(
+                f"loss_scale must be None or one of {LOSS_SCALES}, got {self.loss_scale!r}"
+            )
 
     @property
     def exit_layers(self) -> tuple[int, ...]:
         """The end layer of each stage, ascending."""
         return tuple(stage.layers[1] for stage in self.stages)
+
+    def layer_weights(self, num_layers: int) -> tuple[tuple[int, float], ...]:
+        """``(layer, weight)`` of every exit that the stages put a loss on, ascending,
+        zero weights included (the general path computes them), for a model of
+        ``num_layers`` layers (see the class docstring for ``stage_loss`` and
+        ``loss_scale``)."""
+        self.check_model(num_layers)
+        if self.stage_loss == "end":
+            pairs = [(stage.layers[1], stage.loss_weight) for stage in self.stages]
+        else:
+            pairs = [
+                (layer, stage.loss_weight)
+                for stage in self.stages
+                for layer in range(stage.layers[0], stage.layers[1] + 1)
+            ]
+        if self.loss_scale is None:
+            return tuple(pairs)
+        exits = [layer for layer, weight in pairs if layer < num_layers and weight > 0]
+        scale = dict(zip(exits, loss_scales(self.loss_scale, exits, num_layers), strict=True))
+        return tuple((layer, weight * scale.get(layer, 1.0)) for layer, weight in pairs)
 
     def check_model(self, num_layers: int) -> None:
         """Raise ``ValueError`` if a stage or ``exit_layer`` lies beyond ``num_layers``."""
@@ -163,13 +268,8 @@ class TrainingConfig:
     def plain_path(self, num_layers: int) -> bool:
         """True when the only stage with loss ends at the last layer and routing is off,
         so training needs no intermediate exit (the seed's "automatic optimization")."""
-        self.check_model(num_layers)
-        with_loss = [stage for stage in self.stages if stage.loss_weight > 0]
-        return (
-            len(with_loss) == 1
-            and with_loss[0].layers[1] == num_layers
-            and self.routing_threshold == 0
-        )
+        with_loss = [layer for layer, weight in self.layer_weights(num_layers) if weight > 0]
+        return with_loss == [num_layers] and self.routing_threshold == 0
 
 
 @dataclass(frozen=True)

@@ -4,14 +4,16 @@
 a folder of them into the tables of the README and sweeps the early-exit threshold of
 saved models (``--save-model``):
 
-- ``python -m lego.experiment tables [--table1 DIR] [--table2 DIR] [--shape2 DIR]``:
-  markdown tables.
+- ``python -m lego.experiment tables [--table1 DIR] [--table2 DIR] [--shape2 DIR]
+  [--table4 DIR]``: markdown tables.
   Table 1: the ``--protocol seed`` ASHEM runs next to the paper draft's numbers.
-  Table 2: the honest-protocol runs, one row per configuration, mean and standard
+  Table 2: the honest-protocol runs, one row per configuration (the rows that each
+  run's strategy gives, ``Strategy.rows``), mean and standard
   deviation over the seeds found. The "standard 2-layer" row is ASHEM's phase 1 (the
   same model, data and schedule as ``--strategy standard --layers 2`` with that seed),
   read from the ASHEM runs' ``phase1_*`` numbers. Table 3: Table 2's rows for the
-  second model shape (layers that cost more than the head), when its folder exists.
+  second model shape (layers that cost more than the head), Table 4 for the draft's
+  proposed shape (dim 128, 6 layers), each when its folder exists.
 - ``python -m lego.experiment sweep MODEL.pt ... --json OUT``: for each saved early-exit
   model and each target exit ratio, the threshold is the matching quantile of the exit
   confidence on the validation split; the test split is evaluated with two-stage
@@ -48,7 +50,9 @@ from lego.ashem import confidence_threshold
 from lego.config import ModelConfig
 from lego.data import Corpus
 from lego.model import LegoModel
-from lego.train import PERCENT, load_corpus
+from lego.strategies import load_strategy
+from lego.strategies.base import PERCENT
+from lego.train import load_corpus
 from lego.trainer import evaluate, exit_outputs
 
 # The paper draft's WikiText-2 numbers (dim 64, 2 -> 4 layers, validation split), quoted
@@ -63,6 +67,7 @@ DRAFT = {
     "exit_ratio": 0.704,
     "layer_cost": 0.648,
     "flops_cost": None,
+    "two_stage_hard_ppl": None,
 }
 TABLE1_ROWS = {
     "phase1_ppl": "phase-1 perplexity",
@@ -71,6 +76,7 @@ TABLE1_ROWS = {
     "two_stage_acc": "two-stage accuracy",
     "phase1_hard_ppl": "hard-token perplexity, phase 1",
     "hard_ppl": "hard-token perplexity, two-stage",
+    "two_stage_hard_ppl": "perplexity of the tokens that did not exit",
     "exit_ratio": "tokens exiting at the exit layer",
     "layer_cost": "compute cost, layers counted",
     "flops_cost": "compute cost, FLOPs with heads",
@@ -86,7 +92,13 @@ COLUMNS = (
     ("wall_ratio", "wall-clock vs full depth"),
 )
 # Table 2's row order: by the label's kind, then by its depth (``standard 2-layer`` first).
-ROW_KINDS = ("standard", "deep supervision", "ASHEM, context=propagate", "ASHEM, context=routed")
+ROW_KINDS = (
+    "standard",
+    "deep supervision",
+    "ASHEM, context=propagate",
+    "ASHEM, context=routed",
+    "LayerSkip",
+)
 
 
 def load_runs(folder: str) -> list[dict[str, Any]]:
@@ -122,58 +134,11 @@ def table1(runs: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _analytic_cost(config: dict[str, Any], depth: int, full_depth: int) -> float:
-    """FLOPs of ``depth`` layers + one exit over the ``full_depth`` forward, for the model
-    shape of a run's ``config["model"]`` (one window of ``max_seq_len`` tokens)."""
-    model_config = ModelConfig(**{**config["model"], "num_layers": full_depth})
-    with torch.device("meta"):
-        model = LegoModel(model_config)
-    seq_len = model_config.max_seq_len
-    return model.flops(1, seq_len, depth=depth) / model.flops(1, seq_len)
-
-
 def table2_rows(run: dict[str, Any]) -> dict[str, dict[str, float | None]]:
     """The Table 2 rows that one honest-protocol run gives: ``{row label: {column key:
-    value}}`` (an ASHEM run gives its phase-1 model's row too)."""
-    ev, config = run["eval"], run["config"]
-
-    def wall(ev: dict[str, Any]) -> float | None:
-        full = ev.get("full_wall_time_s")
-        return ev["wall_time_s"] / full if full else None
-
-    if run["strategy"] == "ashem":
-        low, high = config["phase1_layers"], config["phase2_layers"]
-        return {
-            f"standard {low}-layer (ASHEM phase 1)": {
-                "ppl": ev["phase1_ppl"],
-                "acc": ev["phase1_acc"],
-                "hard_ppl": ev["phase1_hard_ppl"],
-                "exit_ratio": None,
-                "layer_cost": low / high,
-                "flops_cost": _analytic_cost(config, low, high),
-                "wall_ratio": None,
-            },
-            f"ASHEM, context={config['context']}": {
-                "ppl": ev["two_stage_ppl"],
-                "acc": ev["two_stage_acc"],
-                "hard_ppl": ev["hard_ppl"],
-                "exit_ratio": ev["exit_ratio"],
-                "layer_cost": ev["layer_cost"],
-                "flops_cost": ev["flops_cost"],
-                "wall_ratio": wall(ev),
-            },
-        }
-    layers = config["layers"]
-    if "exit_ratio" in ev:
-        label = (
-            f"deep supervision {layers}-layer, early exit"
-            if run["strategy"] == "deep-supervision"
-            else f"standard {layers}-layer, early exit"
-        )
-        return {label: {k: ev.get(k) for k, _ in COLUMNS[:-1]} | {"wall_ratio": wall(ev)}}
-    name = "deep supervision" if run["strategy"] == "deep-supervision" else "standard"
-    row = {"ppl": ev["ppl"], "acc": ev["acc"], "hard_ppl": None, "exit_ratio": None}
-    return {f"{name} {layers}-layer": row | {"layer_cost": 1.0, "flops_cost": 1.0}}
+    value}}``, from the strategy that made it (``Strategy.rows``; an ASHEM run gives its
+    phase-1 model's row too)."""
+    return load_strategy(run["config"].get("strategy", run["strategy"])).rows(run)
 
 
 def _mean_std(key: str, values: list[float]) -> str:
@@ -350,6 +315,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="results/shape2",
         help="Table 3, the second shape's runs (default: %(default)s; left out when absent)",
     )
+    tables.add_argument(
+        "--table4",
+        default="results/table4",
+        help="Table 4, the draft's proposed shape's runs (default: %(default)s; left out when "
+        "absent)",
+    )
     tables.add_argument("--out", help="also write the markdown to this file")
     sw = sub.add_parser("sweep", help="exit ratio against test PPL for saved models")
     sw.add_argument("models", nargs="+", help="files written by python -m lego.train --save-model")
@@ -380,7 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def training_budget(runs: Sequence[dict[str, Any]]) -> str:
     """The training the honest-protocol runs had, e.g. ``"full training split, at most 1
-    epoch per run (ASHEM: per phase), on cpu"`` (each distinct budget named once)."""
+    epoch per run (ASHEM: per phase), on cpu"`` (each distinct budget named once, and
+    the evaluation cap of ``--eval-samples`` when there is one)."""
     honest = [run for run in runs if run["protocol"] == "honest"]
     budgets = sorted({(run["config"]["samples"], run["config"]["epochs"]) for run in honest})
     parts = [
@@ -389,13 +361,18 @@ def training_budget(runs: Sequence[dict[str, Any]]) -> str:
         for samples, epochs in budgets
     ]
     devices = ", ".join(sorted({run["device"] for run in honest}))
+    capped = sorted({run["config"].get("eval_samples", 0) for run in honest} - {0})
+    if capped:
+        parts.append(
+            f"validation and test cut to their first {' / '.join(f'{n:,}' for n in capped)} windows"
+        )
     return "; ".join(parts) + f", on {devices}" if honest else "no honest-protocol run"
 
 
 def _tables(args: argparse.Namespace) -> None:
     table2_runs = load_runs(args.table2)
     sections = [
-        "Table 1 (draft protocol)",
+        "Table 1 (the original code's procedure)",
         table1(load_runs(args.table1)),
         f"Table 2 (honest protocol; {training_budget(table2_runs)})",
         table2(table2_runs),
@@ -405,6 +382,13 @@ def _tables(args: argparse.Namespace) -> None:
         sections += [
             f"Table 3 (honest protocol, second shape; {training_budget(shape2_runs)})",
             table2(shape2_runs),
+        ]
+    if os.path.isdir(args.table4):
+        table4_runs = load_runs(args.table4)
+        budget = training_budget(table4_runs)
+        sections += [
+            f"Table 4 (honest protocol, the draft's proposed shape; {budget})",
+            table2(table4_runs),
         ]
     text = "\n\n".join(sections)
     print(text)

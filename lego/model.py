@@ -1,11 +1,16 @@
 """LegoModel: a decoder-only Transformer with exits after its layers, and real early exit.
 
-Architecture (pre-norm, no dropout, no biases in the linear layers)::
+Architecture (pre-norm by default, no dropout, no biases in the linear layers)::
 
     h = embedding(ids)                                   # [B, T, D]
     for each layer:   h = h + attention(norm(h))         # RoPE multi-head causal attention
                       h = h + swiglu(norm(h))            # down(silu(gate(x)) * up(x))
     exit at layer l:  logits = head_l(norm_l(h))         # through lego_kernels.ops
+
+``config.norm_position="post"`` makes each layer ``h = norm(h + attention(h))``,
+``h = norm(h + swiglu(h))``, and ``config.exit_norm=False`` drops ``norm_l`` (the
+original research code's block, ``--arch seed``); every path (dense, hard tokens,
+cached decoding) takes the variant from ``Block.attn_input`` and ``Block.finish``.
 
 The blocks' norms are plain PyTorch (``nn.RMSNorm`` / ``nn.LayerNorm`` per
 ``config.norm``); every exit goes through ``lego_kernels.ops`` (fused norm + head
@@ -44,6 +49,7 @@ the price is that the deeper layers always run ``K`` rows and ``B * M * T`` scor
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -184,7 +190,8 @@ class HardLayout:
 
 
 class Block(nn.Module):
-    """Pre-norm Transformer layer: RoPE multi-head causal attention, then a SwiGLU FFN.
+    """Transformer layer: RoPE multi-head causal attention, then a SwiGLU FFN, with
+    pre-norm (default) or post-norm residuals (``config.norm_position``).
 
     ``block(h)`` maps ``[B, T, D] -> [B, T, D]`` with full causal attention;
     ``forward_hard`` runs the same layer on the hard tokens only.
@@ -195,6 +202,7 @@ class Block(nn.Module):
         dim, hidden = config.dim, config.hidden_dim
         self.num_heads = config.num_heads
         self.rope_base = config.rope_base
+        self.post_norm = config.norm_position == "post"
         self.attn_norm = make_norm(config)
         self.wq = nn.Linear(dim, dim, bias=False)
         self.wk = nn.Linear(dim, dim, bias=False)
@@ -206,11 +214,12 @@ class Block(nn.Module):
         self.down = nn.Linear(hidden, dim, bias=False)
 
     def attn_input(self, h: Tensor) -> Tensor:
-        """What the attention projections read from the states ``h [..., D]``: ``attn_norm(h)``.
+        """What the attention projections read from the states ``h [..., D]``: ``attn_norm(h)``
+        (pre-norm), ``h`` itself (post-norm).
 
         Every path (dense, hard tokens, cached decoding) goes through this and ``finish``,
         so a variant of the block changes these two only."""
-        return self.attn_norm(h)
+        return h if self.post_norm else self.attn_norm(h)
 
     def project(self, linear: nn.Linear, x: Tensor, positions: Tensor | None = None) -> Tensor:
         """``linear(x)`` split into heads ``[..., H, hd]``, rotated at ``positions`` if given."""
@@ -218,8 +227,12 @@ class Block(nn.Module):
         return y if positions is None else apply_rope(y, positions, self.rope_base)
 
     def finish(self, h: Tensor, attn: Tensor) -> Tensor:
-        """Residual of the attention output ``attn [..., H, hd]``, then the SwiGLU FFN."""
+        """Residual of the attention output ``attn [..., H, hd]``, then the SwiGLU FFN
+        (post-norm: each residual sum normalized)."""
         h = h + self.wo(attn.flatten(-2))
+        if self.post_norm:
+            h = self.attn_norm(h)
+            return self.ffn_norm(h + self.down(F.silu(self.gate(h)) * self.up(h)))
         x = self.ffn_norm(h)
         return h + self.down(F.silu(self.gate(x)) * self.up(x))
 
@@ -259,16 +272,22 @@ class Block(nn.Module):
 
 
 class ExitHead(nn.Module):
-    """An exit's norm (``nn.RMSNorm`` / ``nn.LayerNorm``) and output head ``[V, D]``."""
+    """An exit's norm (``nn.RMSNorm`` / ``nn.LayerNorm``; ``None`` without
+    ``config.exit_norm``) and output head ``[V, D]``."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.norm = make_norm(config)
+        self.norm = make_norm(config) if config.exit_norm else None
         self.head = nn.Linear(config.dim, config.vocab_size, bias=False)
 
-    def head_args(self) -> tuple[Tensor, Tensor, Tensor | None]:
-        """``(weight, norm_weight, norm_bias)`` as the ``lego_kernels.ops`` head ops take them."""
-        return self.head.weight, self.norm.weight, getattr(self.norm, "bias", None)
+    def head_args(self) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """``(weight, norm_weight, norm_bias)`` as the ``lego_kernels.ops`` head ops take them
+        (with ``norm=config.head_norm``)."""
+        return (
+            self.head.weight,
+            getattr(self.norm, "weight", None),
+            getattr(self.norm, "bias", None),
+        )
 
 
 @dataclasses.dataclass
@@ -320,9 +339,18 @@ class EarlyExitOutput(NamedTuple):
     stats: EarlyExitStats
 
 
-def _init_weights(module: nn.Module) -> None:
-    if isinstance(module, (nn.Linear, nn.Embedding)):
+def init_weights(module: nn.Module, config: ModelConfig) -> None:
+    """Initialize ``module``'s own weight if it is a linear layer or an embedding, per
+    ``config.init`` (``"normal"``: N(0, 0.02); ``"trunc_normal"``: linear layers from a
+    truncated normal with std ``1/sqrt(dim)``, embeddings with std 0.02, cut at +-2 as
+    ``nn.init.trunc_normal_`` does). Use as ``model.apply(partial(init_weights, config=c))``."""
+    if not isinstance(module, (nn.Linear, nn.Embedding)):
+        return
+    if config.init == "normal":
         nn.init.normal_(module.weight, mean=0.0, std=0.02)
+    else:
+        std = 1.0 / math.sqrt(config.dim) if isinstance(module, nn.Linear) else 0.02
+        nn.init.trunc_normal_(module.weight, std=std)
 
 
 class LegoModel(nn.Module):
@@ -341,7 +369,7 @@ class LegoModel(nn.Module):
         self.layers = nn.ModuleList(Block(config) for _ in range(config.num_layers))
         num_exits = config.num_layers if config.per_exit_heads else 1
         self.exits = nn.ModuleList(ExitHead(config) for _ in range(num_exits))
-        self.apply(_init_weights)
+        self.apply(functools.partial(init_weights, config=config))
 
     # ------------------------------------------------------------------ validation
 
@@ -406,7 +434,10 @@ class LegoModel(nn.Module):
     def exit_logits(self, h: Tensor, exit_layer: int | None = None) -> Tensor:
         """Logits of the exit after ``exit_layer`` (default: last): ``[..., D] -> [..., V]``."""
         return ops.norm_head_logits(
-            h, *self._exit(exit_layer).head_args(), norm=self.config.norm, eps=self.config.norm_eps
+            h,
+            *self._exit(exit_layer).head_args(),
+            norm=self.config.head_norm,
+            eps=self.config.norm_eps,
         )
 
     def exit_loss(
@@ -430,7 +461,7 @@ class LegoModel(nn.Module):
             targets,
             norm_weight,
             norm_bias,
-            norm=self.config.norm,
+            norm=self.config.head_norm,
             eps=self.config.norm_eps,
             ignore_index=ignore_index,
             reduction=reduction,
@@ -446,7 +477,7 @@ class LegoModel(nn.Module):
         return ops.exit_confidence(
             h,
             *self._exit(exit_layer).head_args(),
-            norm=self.config.norm,
+            norm=self.config.head_norm,
             eps=self.config.norm_eps,
             measure=measure,
         )
@@ -667,7 +698,7 @@ class LegoModel(nn.Module):
             new_modules.append(new_exits)
             self.exits.extend(new_exits.to(device=like.device, dtype=like.dtype))
         for module in new_modules:
-            module.apply(_init_weights)
+            module.apply(functools.partial(init_weights, config=config))
         self.layers.extend(new_layers.to(device=like.device, dtype=like.dtype))
         self.config = config
 
@@ -701,9 +732,10 @@ class LegoModel(nn.Module):
         return kv + query + score_entries * 2 * (2 * dim)
 
     def _head_flops(self, tokens: int) -> int:
-        """An exit on ``tokens``: its norm and the ``[D] x [D, V]`` head GEMM."""
+        """An exit on ``tokens``: its norm (if any) and the ``[D] x [D, V]`` head GEMM."""
         dim = self.config.dim
-        return tokens * (NORM_FLOPS_PER_ELEMENT * dim + 2 * dim * self.config.vocab_size)
+        norm = NORM_FLOPS_PER_ELEMENT * dim if self.config.exit_norm else 0
+        return tokens * (norm + 2 * dim * self.config.vocab_size)
 
     def flops(
         self, batch: int, seq_len: int, *, depth: int | None = None, head_tokens: int | None = None

@@ -1,13 +1,23 @@
-"""Command line: ``python -m lego.train`` (standard, deep supervision or ASHEM).
+"""Command line: ``python -m lego.train --strategy NAME`` (any registered strategy).
+
+``--strategy`` takes a name of the registry (``lego.strategies``: ``standard``,
+``deep-supervision``, ``ashem``, ``layerskip``, and the entry points of installed
+packages; ``--strategy list`` describes them) or ``package.module:Class`` for a
+strategy defined anywhere else. This module owns what every strategy shares: the
+data, the model's shape and variant, the optimizer and evaluation settings, devices,
+checkpoints and the results JSON; the strategy adds its own flags (a flag of another
+strategy is an error) and trains and evaluates.
 
 Defaults reproduce the paper draft's configuration: WikiText-2, dim 64, 4 heads,
 sequences of 32 tokens, batch 64, 10,000 training windows, ASHEM from 2 to 4
 layers with hard ratio 0.5 and its learning rates and patience. Prints a results
-table and writes a JSON file (``--out``, default
-``runs/<strategy>-<dataset>-<protocol>-seed<seed>.json``)::
+table and writes a JSON file (``--out``; default
+``runs/<strategy>-<dataset>-<protocol>-seed<seed>.json``, numbered ``-2``, ``-3``, ...
+when taken; an existing ``--out`` is an error unless ``--overwrite``)::
 
     python -m lego.train --strategy ashem
-    python -m lego.train --strategy deep-supervision --exit-layer 2 --threshold 0.3
+    python -m lego.train --strategy deep-supervision --stages "1-2:0.3,3-4:1" --exit-ratio 0.5
+    python -m lego.train --strategy layerskip --layers 4 --exit-layer 2 --exit-ratio 0.5
     python -m lego.train --dataset synthetic --samples 512 --epochs 3 --dim 32
 
 With ``--checkpoint-dir DIR`` the run saves a checkpoint after every epoch (and at
@@ -21,55 +31,65 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import torch
 
 import lego_kernels
 from lego import distributed
-from lego.ashem import PROTOCOLS, confidence_threshold, run_ashem
+from lego.ashem import PROTOCOLS
 from lego.checkpoint import Checkpointer, save_atomic
-from lego.config import ASHEMConfig, ModelConfig, StageConfig, TrainingConfig
-from lego.data import TEXT_KEY, Corpus, load_wikitext2, run_text_codec, synthetic_corpus
+from lego.config import ARCHS
+from lego.data import (
+    TEXT_KEY,
+    TOKENIZERS,
+    Corpus,
+    TextCodec,
+    load_hub_text,
+    load_text_files,
+    load_wikitext2,
+    load_wikitext103,
+    parse_split,
+    synthetic_corpus,
+)
 from lego.model import CONTEXTS, LegoModel
-from lego.trainer import NonFiniteLossError, Trainer, evaluate, exit_outputs
+from lego.strategies import RunContext, Strategy, load_strategy, registered, strategy_names
+from lego.strategies.base import non_negative_int, positive_float, positive_int
+from lego.trainer import NonFiniteLossError
 from lego_kernels import ops
 from lego_kernels.reference import MEASURES
 
-STRATEGIES = ("standard", "deep-supervision", "ashem")
-DATASETS = ("wikitext-2", "synthetic")
-# Flags that only one family of strategies reads, with their defaults; giving one to
-# the other family is an error rather than a silently ignored setting.
-STAGE_FLAGS = {"layers": 4, "threshold": 0.0, "exit_ratio": 0.0, "exit_layer": 2}
-ASHEM = ASHEMConfig()
-ASHEM_FLAGS = {
-    "phase1_layers": ASHEM.phase1_layers,
-    "phase2_layers": ASHEM.phase2_layers,
-    "hard_ratio": ASHEM.hard_example_ratio,
-    "phase2_lr": ASHEM.phase2_lr,
-    "phase2_patience": ASHEM.phase2_patience,
-    "phase1_from": None,
-}
+DEFAULT_STRATEGY = "ashem"
+DATASETS = ("wikitext-2", "wikitext-103", "text", "synthetic")
+HF_PREFIX = "hf:"
 # Settings that do not change the results, left out of a checkpoint's fingerprint
 # (so a run may resume on another device, quietly, or write its JSON elsewhere).
 NOT_FINGERPRINTED = (
     "device",
     "data_dir",
     "out",
+    "overwrite",
     "quiet",
     "checkpoint_dir",
     "resume",
     "save_model",
-    "phase1_from",
+    "eval_batch_size",
 )
-# Settings that phase 1 of ASHEM does not read: a run may start its phase 2 from the
-# phase-1 state of a run that differs from it only in these (--phase1-from).
-PHASE2_ONLY = ("--context",)
+# The dataset flags, the datasets they apply to, and their defaults.
+DATASET_FLAGS = {
+    "data_dir": (("wikitext-2", "wikitext-103"), None),
+    "data_files": (("text",), None),
+    "tokenizer": (("text", HF_PREFIX), "word"),
+    "hf_splits": ((HF_PREFIX,), ("train", "validation", "test")),
+    "text_column": ((HF_PREFIX,), "text"),
+}
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -79,116 +99,125 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _number(text: str, kind: type) -> int | float:
-    try:
-        return kind(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}") from None
+def _dataset(text: str) -> str:
+    if text in DATASETS or (text.startswith(HF_PREFIX) and len(text) > len(HF_PREFIX)):
+        return text
+    raise argparse.ArgumentTypeError(
+        f"expected one of {', '.join(DATASETS)} or hf:PATH[:CONFIG], got {text!r}"
+    )
 
 
-def _positive_int(text: str) -> int:
-    value = _number(text, int)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
+def _three(text: str, what: str) -> tuple[str, str, str]:
+    parts = tuple(part.strip() for part in text.split(","))
+    if len(parts) != 3 or not all(parts):
+        raise argparse.ArgumentTypeError(f"expected three {what} (train,valid,test), got {text!r}")
+    return parts  # type: ignore[return-value]
 
 
-def _non_negative_int(text: str) -> int:
-    value = _number(text, int)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
-    return value
+def _data_files(text: str) -> tuple[str, str, str]:
+    return _three(text, "comma-separated files")
 
 
-def _positive_float(text: str) -> float:
-    value = _number(text, float)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
-    return value
-
-
-def _open_unit_float(text: str) -> float:
-    value = _number(text, float)
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"must lie in (0, 1), got {text}")
-    return value
-
-
-def _unit_float(text: str) -> float:
-    value = _number(text, float)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {text}")
-    return value
+def _hf_splits(text: str) -> tuple[str, str, str]:
+    splits = _three(text, "comma-separated hub splits")
+    for spec in splits:
+        try:
+            parse_split(spec)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return splits
 
 
 def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def build_parser() -> ArgumentParser:
-    """The command line's parser (defaults: the draft's configuration)."""
+def build_parser(strategy: Strategy | None = None) -> ArgumentParser:
+    """The command line's parser: the shared flags, and ``strategy``'s own (defaults:
+    the draft's configuration)."""
     p = ArgumentParser(
         prog="python -m lego.train",
-        description="Train an early-exit Transformer (standard, LEGO deep supervision or "
-        "ASHEM) on WikiText-2 or a synthetic corpus; print a results table and write JSON.",
+        description="Train an early-exit Transformer with a registered strategy on "
+        "WikiText-2/103, text files, a hub dataset or a synthetic corpus; print a results "
+        "table and write JSON.",
+        allow_abbrev=False,
     )
     add = p.add_argument
-    add("--strategy", choices=STRATEGIES, default="ashem", help="default: %(default)s")
-    add("--dataset", choices=DATASETS, default="wikitext-2", help="default: %(default)s")
     add(
-        "--data-dir",
-        help="folder with wiki.{train,valid,test}.tokens (default: $LEGO_DATA_DIR, else the hub)",
+        "--strategy",
+        default=DEFAULT_STRATEGY,
+        help=f"one of {', '.join(strategy_names())}, or package.module:Class for a strategy "
+        "defined elsewhere; 'list' describes them; --strategy NAME --help shows its flags "
+        "(default: %(default)s)",
     )
     add(
+        "--dataset",
+        type=_dataset,
+        default="wikitext-2",
+        help="wikitext-2, wikitext-103, text (--data-files), synthetic, or hf:PATH[:CONFIG] "
+        "(any text dataset of the Hugging Face hub, streamed) (default: %(default)s)",
+    )
+    add(
+        "--data-dir",
+        help="wikitext-2/103: folder with wiki.{train,valid,test}.tokens (default: "
+        "$LEGO_DATA_DIR for wikitext-2, else the hub)",
+    )
+    add("--data-files", type=_data_files, help="text: three files, TRAIN,VALID,TEST")
+    add("--tokenizer", choices=TOKENIZERS, help="text and hf datasets (default: word)")
+    add(
+        "--hf-splits",
+        type=_hf_splits,
+        help="hf: the hub splits that become train,valid,test, each NAME or NAME[START:STOP] "
+        "(rows) (default: train,validation,test)",
+    )
+    add("--text-column", help="hf: the column holding the text (default: text)")
+    add(
         "--samples",
-        type=_non_negative_int,
+        type=non_negative_int,
         default=10_000,
         help="training windows kept, 0 = all (default: %(default)s)",
     )
-    add("--epochs", type=_positive_int, default=10, help="most epochs per phase (default: 10)")
-    add("--layers", type=_positive_int, help="model depth, standard/deep-supervision (default: 4)")
-    add("--phase1-layers", type=_positive_int, help="ASHEM phase-1 depth (default: 2)")
-    add("--phase2-layers", type=_positive_int, help="ASHEM phase-2 depth (default: 4)")
-    add("--dim", type=_positive_int, default=64, help="model width (default: %(default)s)")
-    add("--heads", type=_positive_int, default=4, help="attention heads (default: %(default)s)")
-    add("--seq-len", type=_positive_int, default=32, help="tokens per window (default: 32)")
-    add("--batch-size", type=_positive_int, default=64, help="windows per step (default: 64)")
+    add(
+        "--eval-samples",
+        type=non_negative_int,
+        default=0,
+        help="keep only the first N windows of the validation and test splits, 0 = all "
+        "(default: %(default)s)",
+    )
+    add(
+        "--epochs",
+        type=positive_int,
+        help="most epochs per phase (default: 50 with --protocol seed, the original code's; "
+        "else 10)",
+    )
+    add(
+        "--arch",
+        choices=ARCHS,
+        default="lego",
+        help="model variant: lego (pre-norm, normed exits) or seed (the original code's: "
+        "post-norm, no exit norm, FFN 4 x dim, truncated-normal init) (default: %(default)s)",
+    )
+    add("--dim", type=positive_int, default=64, help="model width (default: %(default)s)")
+    add("--heads", type=positive_int, default=4, help="attention heads (default: %(default)s)")
+    add("--seq-len", type=positive_int, default=32, help="tokens per window (default: 32)")
+    add("--batch-size", type=positive_int, default=64, help="windows per step (default: 64)")
+    add(
+        "--eval-batch-size",
+        type=positive_int,
+        help="windows per evaluation batch (default: --batch-size)",
+    )
     add(
         "--lr",
-        type=_positive_float,
-        default=ASHEM.phase1_lr,
+        type=positive_float,
+        default=1e-3,
         help="AdamW learning rate (ASHEM: phase 1) (default: %(default)s)",
     )
-    add("--phase2-lr", type=_positive_float, help="ASHEM phase-2 learning rate (default: 1e-4)")
     add(
         "--patience",
-        type=_non_negative_int,
-        default=ASHEM.phase1_patience,
-        help="early-stopping patience in epochs (ASHEM: phase 1) (default: %(default)s)",
-    )
-    add("--phase2-patience", type=_non_negative_int, help="ASHEM phase-2 patience (default: 3)")
-    add(
-        "--hard-ratio",
-        type=_open_unit_float,
-        help="ASHEM share of hard tokens, in (0, 1) (default: 0.5)",
-    )
-    add(
-        "--exit-layer",
-        type=_positive_int,
-        help="deep-supervision exit / early-exit layer, standard/deep-supervision (default: 2)",
-    )
-    add(
-        "--threshold",
-        type=_unit_float,
-        help="early-exit confidence threshold in [0, 1], 0 = off, standard/deep-supervision "
-        "(default: 0; ASHEM picks it from --hard-ratio)",
-    )
-    add(
-        "--exit-ratio",
-        type=_open_unit_float,
-        help="standard/deep-supervision: instead of --threshold, pick the threshold on the "
-        "validation split after training so that this share of its tokens exits at "
-        "--exit-layer, in (0, 1) (default: off)",
+        type=non_negative_int,
+        default=1,
+        help="stop after this many epochs in a row without a better validation perplexity "
+        "(ASHEM: phase 1) (default: %(default)s)",
     )
     add("--context", choices=CONTEXTS, default="propagate", help="default: %(default)s")
     add("--measure", choices=MEASURES, default="max_prob", help="default: %(default)s")
@@ -196,11 +225,17 @@ def build_parser() -> ArgumentParser:
         "--protocol",
         choices=PROTOCOLS,
         default="honest",
-        help="honest: tune on validation, report test; seed: the draft's (default: %(default)s)",
+        help="honest: tune on validation, report test; seed: the original code's procedure "
+        "and data slices, numbers on validation (default: %(default)s)",
     )
     add("--device", default=_default_device(), help="default: cuda when available, else cpu")
-    add("--seed", type=_non_negative_int, default=0, help="default: %(default)s")
-    add("--out", help="JSON file to write (default: runs/<strategy>-<dataset>-<protocol>-seed<N>)")
+    add("--seed", type=non_negative_int, default=0, help="default: %(default)s")
+    add(
+        "--out",
+        help="JSON file to write (default: runs/<strategy>-<dataset>-<protocol>-seed<N>.json, "
+        "numbered when taken)",
+    )
+    add("--overwrite", action="store_true", help="replace an existing --out file")
     add("--quiet", action="store_true", help="no progress bars")
     add(
         "--save-model",
@@ -213,39 +248,88 @@ def build_parser() -> ArgumentParser:
         help="save a checkpoint in this folder after every epoch (default: none)",
     )
     add(
-        "--phase1-from",
-        metavar="FILE",
-        help="ASHEM: skip phase 1 and start phase 2 from the phase-1 state that a run with "
-        "--checkpoint-dir kept as DIR/phase1.pt; all settings must match except --context "
-        "(default: run phase 1)",
-    )
-    add(
         "--resume",
         action="store_true",
         help="continue from the checkpoint in --checkpoint-dir (none there: start afresh)",
     )
+    if strategy is not None:
+        group = p.add_argument_group(f"--strategy {strategy.name}: {strategy.description}")
+        strategy.add_arguments(group)
     return p
 
 
-def resolve_args(parser: ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
-    """Parse ``argv`` and fill the strategy-specific defaults; flags that the chosen
-    strategy does not read are an error (through ``parser.error``)."""
-    args = parser.parse_args(argv)
-    if args.resume and args.checkpoint_dir is None:
-        parser.error("--resume needs --checkpoint-dir DIR (the folder of the run to continue)")
-    if args.phase1_from is not None and args.checkpoint_dir is None:
-        parser.error("--phase1-from needs --checkpoint-dir DIR (where this run saves its own)")
-    ashem = args.strategy == "ashem"
-    used, unused = (ASHEM_FLAGS, STAGE_FLAGS) if ashem else (STAGE_FLAGS, ASHEM_FLAGS)
-    for name in unused:
-        if getattr(args, name) is not None:
-            parser.error(f"--{name.replace('_', '-')} does not apply to --strategy {args.strategy}")
-        delattr(args, name)
-    for name, default in used.items():
+def _flag_owners(flag: str, chosen: Strategy) -> list[str]:
+    """The registered strategies other than ``chosen`` that have the flag ``flag``."""
+    owners = []
+    for name, cls in registered().items():
+        if name == chosen.name:
+            continue
+        probe = argparse.ArgumentParser(add_help=False)
+        cls().add_arguments(probe)
+        if flag in probe._option_string_actions:
+            owners.append(name)
+    return owners
+
+
+def _strategy_spec(argv: list[str] | None) -> str:
+    """The ``--strategy`` value of ``argv`` (its default when absent)."""
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--strategy", default=DEFAULT_STRATEGY)
+    return pre.parse_known_args(argv)[0].strategy
+
+
+def describe_strategies() -> str:
+    """One line per strategy of the registry: name and description."""
+    lines = []
+    for name in strategy_names():
+        strategy = load_strategy(name)
+        lines.append(f"{name:<20} {strategy.description}")
+    return "\n".join(lines)
+
+
+def resolve_args(argv: list[str] | None) -> tuple[argparse.Namespace, Strategy]:
+    """Parse ``argv`` with the chosen strategy's flags; flags that do not apply (another
+    strategy's, or a dataset's that is not chosen) and settings that do not fit together
+    are errors (one line, exit status 2)."""
+    spec = _strategy_spec(argv)
+    if spec == "list":
+        print(describe_strategies())
+        sys.exit(0)
+    try:
+        strategy = load_strategy(spec)
+    except ValueError as e:
+        build_parser().error(str(e))
+    parser = build_parser(strategy)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        flag = extra[0].split("=")[0]
+        owners = _flag_owners(flag, strategy) if flag.startswith("--") else []
+        if owners:
+            parser.error(
+                f"{flag} does not apply to --strategy {strategy.name} "
+                f"(it is a flag of {', '.join(owners)})"
+            )
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    kind = HF_PREFIX if args.dataset.startswith(HF_PREFIX) else args.dataset
+    for name, (datasets, default) in DATASET_FLAGS.items():
+        if getattr(args, name) is not None and kind not in datasets:
+            parser.error(f"--{name.replace('_', '-')} does not apply to --dataset {args.dataset}")
         if getattr(args, name) is None:
             setattr(args, name, default)
-    if not ashem and args.threshold > 0 and args.exit_ratio > 0:
-        parser.error("--threshold and --exit-ratio both pick the early-exit threshold; give one")
+    if args.dataset == "text" and args.data_files is None:
+        parser.error("--dataset text needs --data-files TRAIN,VALID,TEST")
+    if args.protocol == "seed" and args.dataset not in ("wikitext-2", "synthetic"):
+        parser.error(f"--protocol seed is the draft's WikiText-2 procedure, not {args.dataset}")
+    if args.epochs is None:
+        args.epochs = 50 if args.protocol == "seed" else 10
+    if args.eval_batch_size is None:
+        args.eval_batch_size = args.batch_size
+    if args.resume and args.checkpoint_dir is None:
+        parser.error("--resume needs --checkpoint-dir DIR (the folder of the run to continue)")
+    try:
+        strategy.check(args)
+    except ValueError as e:
+        parser.error(str(e))
     try:
         device = torch.device(args.device)
     except RuntimeError:
@@ -255,113 +339,125 @@ def resolve_args(parser: ArgumentParser, argv: list[str] | None) -> argparse.Nam
     args.device = str(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA GPU is available here; use --device cpu")
-    return args
+    if args.out is None:
+        args.out = _fresh_name(
+            os.path.join("runs", f"{strategy.name}-{args.dataset}-{args.protocol}-seed{args.seed}")
+        )
+    elif os.path.exists(args.out) and not args.overwrite:
+        parser.error(f"--out {args.out} exists; pass --overwrite to replace it or pick another")
+    return args, strategy
+
+
+def _fresh_name(stem: str) -> str:
+    """``stem.json``, or ``stem-2.json``, ``stem-3.json``, ... the first that is free."""
+    path, number = f"{stem}.json", 1
+    while os.path.exists(path):
+        number += 1
+        path = f"{stem}-{number}.json"
+    return path
 
 
 def load_corpus(args: argparse.Namespace) -> Corpus:
-    """The dataset of ``args`` as windows of ``args.seq_len + 1`` tokens."""
+    """The dataset of ``args`` as windows of ``args.seq_len + 1`` tokens (a run's JSON
+    ``config`` works too; older ones lack the flags added since, which take their
+    defaults)."""
     samples = args.samples or None
+    flags = {name: getattr(args, name, default) for name, (_, default) in DATASET_FLAGS.items()}
     if args.dataset == "synthetic":
         train = samples or 10_000
         held_out = max(1, train // 8)
-        return synthetic_corpus(
+        corpus = synthetic_corpus(
             args.seq_len,
             train_windows=train,
             valid_windows=held_out,
             test_windows=held_out,
             seed=args.seed,
         )
-    seed = args.protocol == "seed"
-    return load_wikitext2(
-        args.seq_len,
-        data_dir=args.data_dir,
-        samples=samples,
-        variant="seed" if seed else "standard",
-        limit_eval=seed,
-    )
-
-
-def build_configs(
-    args: argparse.Namespace, vocab_size: int
-) -> tuple[ModelConfig, TrainingConfig | ASHEMConfig]:
-    """The model config and the training (standard, deep supervision) or ASHEM config of
-    ``args``; ``ValueError`` for settings that do not fit together."""
-    ashem = args.strategy == "ashem"
-    model_config = ModelConfig(
-        vocab_size=vocab_size,
-        dim=args.dim,
-        num_layers=args.phase1_layers if ashem else args.layers,
-        num_heads=args.heads,
-        max_seq_len=args.seq_len,
-    )
-    if ashem:
-        return model_config, ASHEMConfig(
-            phase1_layers=args.phase1_layers,
-            phase1_lr=args.lr,
-            phase1_patience=args.patience,
-            hard_example_ratio=args.hard_ratio,
-            phase2_layers=args.phase2_layers,
-            phase2_lr=args.phase2_lr,
-            phase2_patience=args.phase2_patience,
+    elif args.dataset == "wikitext-2":
+        seed = "seed" if args.protocol == "seed" else "standard"
+        corpus = load_wikitext2(
+            args.seq_len,
+            data_dir=args.data_dir,
+            samples=samples,
+            variant=seed,
+            slicing=seed,
+            batch_size=args.batch_size,
         )
-    deep = args.strategy == "deep-supervision"
-    if (deep or args.threshold > 0 or args.exit_ratio > 0) and not args.exit_layer < args.layers:
-        raise ValueError(
-            f"--exit-layer ({args.exit_layer}) must lie below --layers ({args.layers}) "
-            "for deep supervision or early exit (--threshold > 0 or --exit-ratio)"
+    elif args.dataset == "wikitext-103":
+        corpus = load_wikitext103(args.seq_len, data_dir=args.data_dir, samples=samples)
+    elif args.dataset == "text":
+        corpus = load_text_files(
+            args.seq_len, flags["data_files"], tokenizer=flags["tokenizer"], samples=samples
         )
-    stages = [StageConfig(layers=(1, args.layers))]
-    if deep:
-        stages = [
-            StageConfig(layers=(1, args.exit_layer)),
-            StageConfig(layers=(args.exit_layer + 1, args.layers)),
-        ]
-    training = TrainingConfig(
-        stages=stages, routing_threshold=args.threshold, exit_layer=args.exit_layer
-    )
-    training.check_model(args.layers)
-    return model_config, training
+    else:
+        path, _, config = args.dataset.removeprefix(HF_PREFIX).partition(":")
+        corpus = load_hub_text(
+            args.seq_len,
+            path,
+            config or None,
+            splits=flags["hf_splits"],
+            text_column=flags["text_column"],
+            tokenizer=flags["tokenizer"],
+            samples=samples,
+        )
+    keep = getattr(args, "eval_samples", 0)
+    if keep:
+        corpus = dataclasses.replace(corpus, valid=corpus.valid[:keep], test=corpus.test[:keep])
+    return corpus
 
 
-def fingerprint(args: argparse.Namespace, corpus: Corpus) -> dict[str, object]:
+def fingerprint(args: argparse.Namespace, corpus: Corpus, strategy: Strategy) -> dict[str, object]:
     """The settings of ``args`` (as flags) and the corpus's sizes: what a checkpoint must
     match to be resumed."""
+    skip = (*NOT_FINGERPRINTED, *strategy.not_fingerprinted)
     settings: dict[str, object] = {
         f"--{name.replace('_', '-')}": value
         for name, value in vars(args).items()
-        if name not in NOT_FINGERPRINTED
+        if name not in skip
     }
     settings["vocabulary size"] = corpus.vocab_size
     settings["training windows"] = corpus.train.shape[0]
     return settings
 
 
+def git_stamp() -> dict[str, object] | None:
+    """The commit of the checkout that ``lego`` is imported from (``git rev-parse --short
+    HEAD``) and whether its tracked files differ from it; ``None`` outside a git checkout."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def git(*command: str) -> str:
+        return subprocess.run(
+            ["git", *command], cwd=root, capture_output=True, text=True, check=True, timeout=20
+        ).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "--short", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):  # no git, not a checkout, hung
+        return None
+    return {"commit": commit, "dirty": dirty}
+
+
 def run(
     args: argparse.Namespace,
     corpus: Corpus,
-    model_config: ModelConfig,
-    config: TrainingConfig | ASHEMConfig,
+    strategy: Strategy,
     checkpoint: Checkpointer | None = None,
-) -> dict:
-    """Train and evaluate per ``args``; returns the results (the JSON of the issue).
+) -> dict[str, Any]:
+    """Train and evaluate per ``args`` with ``strategy``; returns the results (the JSON).
 
     ``checkpoint``: saves after every epoch; with a loaded state, the run resumes there.
     """
     start = time.perf_counter()
     torch.manual_seed(args.seed)
+    model_config = strategy.model_config(args, corpus.vocab_size)
     model = LegoModel(model_config).to(args.device)
     if checkpoint is not None:
         checkpoint.restore_rng()
     rank, world_size = distributed.world()
-    common = {
-        "batch_size": args.batch_size,
-        "context": args.context,
-        "measure": args.measure,
-        "quiet": args.quiet or rank != 0,
-    }
     on_cuda = args.device.startswith("cuda")
-    results: dict = {
-        "strategy": args.strategy,
+    results: dict[str, Any] = {
+        "strategy": strategy.name,
         "protocol": args.protocol,
         "dataset": args.dataset,
         "device": args.device,
@@ -373,93 +469,35 @@ def run(
             "torch": torch.__version__,
             "lego_kernels": lego_kernels.__version__,
         },
+        "git": git_stamp(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "config": {
             **vars(args),
             "vocab_size": corpus.vocab_size,
+            "tokenizer": corpus.tokenizer,
             "model": dataclasses.asdict(model_config),
-            "ashem" if isinstance(config, ASHEMConfig) else "training": dataclasses.asdict(config),
+            **strategy.configs(args),
         },
+        "exit_layer": strategy.exit_layer(args),
     }
-    if isinstance(config, ASHEMConfig):
-        out = run_ashem(
-            model,
-            corpus,
-            config,
-            protocol=args.protocol,
-            epochs=args.epochs,
-            seed=args.seed,
-            checkpoint=checkpoint,
-            **common,
-        )
-        results["threshold"] = out.threshold
-        results["hard_ratio"] = out.hard_ratio
-        results["history"] = []
-        for phase, fit in (("phase1", out.phase1), ("phase2", out.phase2)):
-            results[phase] = {
-                "best_epoch": fit.best_epoch,
-                "val_ppl": fit.best_val_ppl,
-                "history": fit.history,
-            }
-            results["history"] += [{"phase": phase, **record} for record in fit.history]
-        results["eval"] = out.eval
-    else:
-        trainer = Trainer(model, config, lr=args.lr, seed=args.seed, **common)
-        on_epoch = None
-        if checkpoint is not None:
-            if checkpoint.state is not None:
-                trainer.load_state_dict(checkpoint.state["trainer"])
-
-            def on_epoch() -> None:
-                checkpoint.save({"trainer": trainer.state_dict()})
-
-        fit = trainer.fit(
-            corpus.train,
-            corpus.valid,
-            epochs=args.epochs,
-            patience=args.patience,
-            on_epoch=on_epoch,
-        )
-        threshold = config.routing_threshold
-        if args.exit_ratio > 0:
-            _, conf = exit_outputs(
-                model,
-                corpus.valid,
-                exit_layer=config.exit_layer,
-                batch_size=args.batch_size,
-                measure=args.measure,
-                quiet=common["quiet"],
-            )
-            threshold = confidence_threshold(conf.confidence, 1.0 - args.exit_ratio)
-            results["threshold"] = threshold
-        split = "test" if args.protocol == "honest" else "valid"
-        metrics = evaluate(
-            model,
-            corpus.split(split),
-            exit_layer=config.exit_layer if threshold > 0 else None,
-            threshold=threshold,
-            time_full=threshold > 0,
-            **common,
-        )
-        results["best_epoch"] = fit.best_epoch
-        results["val_ppl"] = fit.best_val_ppl
-        results["history"] = fit.history
-        results["eval"] = {"split": split, **metrics}
+    context = RunContext(args, corpus, model, checkpoint, quiet=args.quiet or rank != 0)
+    results.update(strategy.train(context))
     # A resumed run counts the time of the processes before it (its checkpoint's).
     results["wall_time_s"] = (
         checkpoint.elapsed() if checkpoint is not None else time.perf_counter() - start
     )
     if args.save_model is not None and rank == 0:
-        save_model(args.save_model, model, results)
+        save_model(args.save_model, model, results, corpus.codec)
     return results
 
 
-def save_model(path: str, model: LegoModel, results: dict) -> None:
+def save_model(path: str, model: LegoModel, results: dict, codec: TextCodec) -> None:
     """Write the trained ``model`` to ``path`` (atomically): ``model_config`` (dict),
     ``state_dict``, and from ``results`` the run's ``config``, its ``strategy``, the
     early-exit ``threshold`` (0 when none), ``exit_layer``, ``context`` and ``measure``, and
-    the vocabulary and tokenization that ``python -m lego.generate`` needs (``text``)."""
+    ``codec``, the corpus's vocabulary and tokenization that ``python -m lego.generate``
+    needs (under ``text``)."""
     config = results["config"]
-    ashem = results["strategy"] == "ashem"
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     save_atomic(
         {
@@ -468,69 +506,25 @@ def save_model(path: str, model: LegoModel, results: dict) -> None:
             "config": config,
             "strategy": results["strategy"],
             "threshold": results.get("threshold", config.get("threshold", 0.0)),
-            "exit_layer": config["phase1_layers"] if ashem else config["exit_layer"],
+            "exit_layer": results["exit_layer"],
             "context": config["context"],
             "measure": config["measure"],
-            TEXT_KEY: run_text_codec(config).state(),
+            TEXT_KEY: codec.state(),
         },
         path,
     )
 
 
-PERCENT = {
-    "acc",
-    "exit_ratio",
-    "layer_cost",
-    "flops_cost",
-    "phase1_acc",
-    "two_stage_acc",
-    "hard_ratio",
-}
-LABELS = {
-    "ppl": "perplexity",
-    "acc": "accuracy",
-    "phase1_ppl": "phase-1 perplexity",
-    "phase1_acc": "phase-1 accuracy",
-    "phase1_hard_ppl": "phase-1 hard-token perplexity",
-    "two_stage_ppl": "two-stage perplexity",
-    "two_stage_acc": "two-stage accuracy",
-    "hard_ppl": "hard-token perplexity (two-stage)",
-    "exit_ratio": "tokens exiting early",
-    "layer_cost": "layer cost (seed's count)",
-    "flops_cost": "FLOPs cost (heads included)",
-    "wall_time_s": "two-stage inference time (s)",
-    "full_wall_time_s": "full-depth forward time (s)",
-    "hard_ratio": "hard tokens (mining split)",
-    "threshold": "confidence threshold",
-}
-
-
-def _cell(key: str, value: float) -> str:
-    if key in PERCENT:
-        return f"{100 * value:.2f}%"
-    return f"{value:.4g}" if key == "threshold" else f"{value:.2f}"
-
-
-def format_table(results: dict) -> str:
-    """A readable two-column table of ``results`` (as ``run`` returns them)."""
-    ev = results["eval"]
-    rows: list[tuple[str, str]] = []
-    if results["strategy"] == "ashem":
-        rows += [(LABELS[k], _cell(k, results[k])) for k in ("threshold", "hard_ratio")]
-        for phase in ("phase1", "phase2"):
-            info = results[phase]
-            rows.append(
-                (f"{phase} best epoch / val ppl", f"{info['best_epoch']} / {info['val_ppl']:.2f}")
-            )
-    else:
-        rows.append(("best epoch / val ppl", f"{results['best_epoch']} / {results['val_ppl']:.2f}"))
-        if "threshold" in results:
-            rows.append((LABELS["threshold"], _cell("threshold", results["threshold"])))
-    rows += [(LABELS.get(k, k), _cell(k, v)) for k, v in ev.items() if k != "split"]
-    rows.append(("total wall time (s)", _cell("wall_time_s", results["wall_time_s"])))
+def format_table(results: dict[str, Any], strategy: Strategy | None = None) -> str:
+    """A readable two-column table of ``results`` (as ``run`` returns them; ``strategy``:
+    the one that made them, by default loaded from ``results["config"]["strategy"]``)."""
+    if strategy is None:
+        strategy = load_strategy(results["config"]["strategy"])
+    rows = strategy.table_lines(results)
+    rows.append(("total wall time (s)", f"{results['wall_time_s']:.2f}"))
     title = (
         f"{results['strategy']} on {results['dataset']} ({results['protocol']} protocol, "
-        f"{ev['split']} split, {results['device']})"
+        f"{results['eval']['split']} split, {results['device']})"
     )
     width = max(len(label) for label, _ in rows)
     lines = [title, "-" * len(title)]
@@ -540,24 +534,22 @@ def format_table(results: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m lego.train``; returns the exit status."""
-    parser = build_parser()
-    args = resolve_args(parser, argv)
-    if args.out is None:
-        args.out = os.path.join(
-            "runs", f"{args.strategy}-{args.dataset}-{args.protocol}-seed{args.seed}.json"
-        )
+    args, strategy = resolve_args(argv)
+    prog = build_parser().prog
     try:
         info = distributed.setup(args.device)
     except ValueError as e:
-        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     try:
-        return _train(parser, args, info)
+        return _train(prog, args, strategy, info)
     finally:
         distributed.teardown()
 
 
-def _train(parser: ArgumentParser, args: argparse.Namespace, info: distributed.DistInfo) -> int:
+def _train(
+    prog: str, args: argparse.Namespace, strategy: Strategy, info: distributed.DistInfo
+) -> int:
     """``main`` once the process group (if any) is set up; returns the exit status."""
     args.device = info.device
     try:
@@ -567,27 +559,28 @@ def _train(parser: ArgumentParser, args: argparse.Namespace, info: distributed.D
                 f"by the {info.world_size} processes; pick a multiple of {info.world_size}"
             )
         corpus = load_corpus(args)
-        model_config, config = build_configs(args, corpus.vocab_size)
+        strategy.model_config(args, corpus.vocab_size)  # a bad shape fails here, not later
         checkpoint = None
         if args.checkpoint_dir is not None:
+            start_from, may_differ = strategy.start_from(args)
             checkpoint = Checkpointer(
                 args.checkpoint_dir,
-                fingerprint(args, corpus),
+                fingerprint(args, corpus, strategy),
                 resume=args.resume,
                 write=info.is_main,
-                start_from=getattr(args, "phase1_from", None),
-                may_differ=PHASE2_ONLY,
+                start_from=start_from,
+                may_differ=may_differ,
             )
     except (ValueError, TypeError, FileNotFoundError) as e:
-        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     try:
-        results = run(args, corpus, model_config, config, checkpoint)
+        results = run(args, corpus, strategy, checkpoint)
     except NonFiniteLossError as e:
-        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 1
     if info.is_main:
-        print(format_table(results))
+        print(format_table(results, strategy))
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
             json.dump(results, f, indent=2)

@@ -1,10 +1,14 @@
 """Stage-based training (LEGO deep supervision), early stopping and evaluation.
 
-A batch's loss is the weighted sum of its stages' exit losses (DESIGN section 2)::
+A batch's loss is the weighted sum of its exit losses (DESIGN section 2)::
 
     h = embed(inputs)
-    for each stage (ascending):  h = layers up to the stage's end layer (h)
-                                 loss += stage.loss_weight * exit_loss(h, targets, exit_layer=end)
+    for each (layer, weight) of config.layer_weights (ascending):
+        h = layers up to that layer (h)
+        loss += weight * exit_loss(h, targets, exit_layer=layer)
+
+(one exit per stage end, or per layer of every stage with ``stage_loss="every"``,
+weights scaled over depth with ``loss_scale``: ``TrainingConfig``).
 
 Every exit loss is ``lego_kernels.ops.norm_head_cross_entropy`` (through
 ``LegoModel.exit_loss``), so no ``tokens x vocab`` tensor is stored. When the
@@ -14,11 +18,14 @@ no intermediate exit computed (the seed's "automatic optimization"). The general
 path computes every stage's exit, a zero-weight one included.
 
 ``Trainer.fit`` runs AdamW with gradient clipping, evaluates the validation
-split after every epoch and stops when its perplexity has not improved for
-``patience`` epochs, then restores the best epoch's weights. The order of the
-training windows in epoch ``e`` is drawn from ``seed + e`` (as
-``DistributedSampler`` does), so a run resumed from a checkpoint (``Trainer.state_dict``
-after any epoch) sees the same batches as an uninterrupted one. A non-finite batch
+split after every epoch and stops once its perplexity has not improved for
+``patience`` epochs in a row (the original code's rule), then restores the best
+epoch's weights. The order of the training windows (``order``): ``"epoch"``
+(default) draws epoch ``e``'s order from ``seed + e`` (as ``DistributedSampler``
+does), so a run resumed from a checkpoint (``Trainer.state_dict`` after any epoch)
+sees the same batches as an uninterrupted one; ``"once"`` draws one order from
+``seed`` and keeps it every epoch, ``"none"`` keeps the data's order (the original
+code's fixed batch lists: shuffled once in its phase 2, in order in its phase 1). A non-finite batch
 loss stops training with ``NonFiniteLossError`` before the optimizer step.
 
 Under ``torchrun`` (``lego.distributed``) the batch loss runs through
@@ -27,6 +34,9 @@ batch, scaled by its share of the batch's tokens, so the averaged gradient equal
 single-process gradient of the whole batch.
 ``routing_threshold`` only acts at evaluation: above 0, validation runs the
 two-stage inference of ``LegoModel.early_exit`` at ``exit_layer``.
+
+``evaluate(..., dense=True)`` is the original code's two-stage evaluation: every
+layer runs on every token and each token takes the exit its confidence picks.
 """
 
 from __future__ import annotations
@@ -44,11 +54,13 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from lego import distributed
-from lego.config import StageConfig, TrainingConfig
+from lego.config import TrainingConfig
 from lego.data import batch_indices
 from lego.model import CONTEXTS, LegoModel
 from lego_kernels import ops
 from lego_kernels.reference import MEASURES, Confidence
+
+ORDERS = ("epoch", "once", "none")
 
 
 @dataclass
@@ -130,6 +142,7 @@ def evaluate(
     measure: str = "max_prob",
     quiet: bool = True,
     time_full: bool = False,
+    dense: bool = False,
 ) -> dict[str, float]:
     """Perplexity and next-token accuracy on ``windows`` (int64 ``[n, seq_len + 1]``).
 
@@ -142,9 +155,26 @@ def evaluate(
     ``full_wall_time_s``, the full-depth forward of the same batches doing the same work
     (every token through every layer, last exit's loss and confidence), each batch timed
     right after its two-stage call so that both see the same machine load.
+
+    ``dense`` (with ``threshold > 0``): the original code's two-stage evaluation instead
+    (``dense_two_stage``): no ``wall_time_s``, no ``time_full``.
     """
     if not threshold >= 0.0:
         raise ValueError(f"threshold must be >= 0 (0 turns early exit off), got {threshold}")
+    if dense and (threshold == 0 or time_full):
+        raise ValueError("dense=True needs threshold > 0 and no time_full (nothing is skipped)")
+    if dense:
+        if exit_layer is None:
+            raise ValueError("exit_layer is required with threshold > 0 (the layer tokens exit at)")
+        return dense_two_stage(
+            model,
+            windows,
+            exit_layer=exit_layer,
+            threshold=threshold,
+            batch_size=batch_size,
+            measure=measure,
+            quiet=quiet,
+        )
     if threshold == 0:
         nll, conf = exit_outputs(
             model, windows, exit_layer=exit_layer, batch_size=batch_size, quiet=quiet
@@ -199,6 +229,75 @@ def evaluate(
     return metrics
 
 
+@torch.no_grad()
+def dense_two_stage(
+    model: LegoModel,
+    windows: Tensor,
+    *,
+    exit_layer: int,
+    threshold: float,
+    batch_size: int = 64,
+    measure: str = "max_prob",
+    quiet: bool = True,
+) -> dict[str, float]:
+    """Two-stage metrics as the original code computes them, on ``windows`` (int64
+    ``[n, seq_len + 1]``): every layer runs on every token with full context; a token
+    whose confidence at ``exit_layer`` is ``>= threshold`` takes that exit's prediction
+    and loss, the others the last layer's.
+
+    Returns ``ppl``, ``acc``, ``exit_ratio``, ``hard_ppl`` (the tokens that did not exit),
+    ``layer_cost`` (the seed's count: layers a skipping implementation would run, over the
+    full depth) and ``flops_cost`` (analytic FLOPs of such an implementation, heads
+    included: the lower layers and the exit on every token, the deeper layers and the
+    last head on the tokens that do not exit, counted per token; over the full-depth
+    forward). Nothing here skips work: no wall time is reported.
+    """
+    num_layers = model.config.num_layers
+    if not 1 <= exit_layer < num_layers:
+        raise ValueError(f"exit_layer must be in [1, {num_layers - 1}], got {exit_layer}")
+    device = _device(model)
+    nll_sum = hard_nll = correct = num_hard = 0.0
+    bar = _progress(windows.shape[0], "eval two-stage (dense)", quiet)
+    for idx in batch_indices(windows.shape[0], batch_size):
+        batch = windows[idx].to(device)
+        targets = batch[:, 1:]
+        low = model.run_layers(model.embed(batch[:, :-1]), 1, exit_layer)
+        high = model.run_layers(low, exit_layer + 1, num_layers)
+        nll_low, conf = model.exit_loss(
+            low,
+            targets,
+            exit_layer=exit_layer,
+            reduction="none",
+            return_confidence=True,
+            measure=measure,
+        )
+        nll_high, deep = model.exit_loss(
+            high, targets, reduction="none", return_confidence=True, measure=measure
+        )
+        hard = ~(conf.confidence >= threshold)
+        nll = torch.where(hard, nll_high, nll_low)
+        prediction = torch.where(hard, deep.prediction, conf.prediction)
+        nll_sum += nll.sum().item()
+        hard_nll += nll_high[hard].sum().item()
+        correct += (prediction == targets).sum().item()
+        num_hard += hard.sum().item()
+        bar.update(len(idx))
+    bar.close()
+    num_tokens = windows.shape[0] * (windows.shape[1] - 1)
+    share = num_hard / num_tokens
+    seq_len = windows.shape[1] - 1
+    low_flops = model.flops(1, seq_len, depth=exit_layer)
+    deep_flops = model.flops(1, seq_len) - model.flops(1, seq_len, depth=exit_layer, head_tokens=0)
+    return {
+        "ppl": math.exp(nll_sum / num_tokens),
+        "acc": correct / num_tokens,
+        "exit_ratio": 1.0 - share,
+        "layer_cost": (exit_layer + share * (num_layers - exit_layer)) / num_layers,
+        "flops_cost": (low_flops + share * deep_flops) / model.flops(1, seq_len),
+        "hard_ppl": math.exp(hard_nll / num_hard) if num_hard else float("nan"),
+    }
+
+
 def _full_depth_time(model: LegoModel, ids: Tensor, targets: Tensor, measure: str) -> float:
     """Seconds of the full-depth forward of ``ids`` ``[B, T]``: every layer on every token,
     then the last exit's per-token loss and confidence (what ``early_exit`` computes)."""
@@ -233,8 +332,12 @@ class Trainer:
     """AdamW + gradient clipping + early stopping around the stage losses of ``config``.
 
     Trains the parameters of ``model`` that require grad. ``context`` and ``measure``
-    are those of two-stage validation (``config.routing_threshold > 0``). ``seed``
-    drives the shuffling of the training windows; ``quiet`` hides the progress bars.
+    are those of two-stage validation (``config.routing_threshold > 0``), done in batches
+    of ``eval_batch_size`` windows (default: ``batch_size``). ``seed``
+    drives the shuffling of the training windows, ``order`` its kind (``ORDERS``, module
+    docstring); ``quiet`` hides the progress bars. During ``fit``, ``step`` is the
+    0-based index of the current optimizer step over the whole run and ``total_steps``
+    the number of steps that ``epochs`` would take (curricula read them).
     Subclasses change what a batch is by overriding ``batch_loss`` and ``batch_tokens``
     (see ``lego.ashem``). ``state_dict``/``load_state_dict`` save and restore the model,
     the optimizer and the progress of ``fit`` (for checkpoints).
@@ -249,10 +352,12 @@ class Trainer:
         weight_decay: float = 0.01,
         grad_clip: float = 1.0,
         batch_size: int = 64,
+        eval_batch_size: int | None = None,
         context: str = "propagate",
         measure: str = "max_prob",
         seed: int = 0,
         quiet: bool = False,
+        order: str = "epoch",
     ) -> None:
         if not isinstance(config, TrainingConfig):
             raise TypeError(f"config must be a TrainingConfig, got {type(config).__name__}")
@@ -269,8 +374,11 @@ class Trainer:
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if eval_batch_size is not None and eval_batch_size < 1:
+            raise ValueError(f"eval_batch_size must be at least 1, got {eval_batch_size}")
         ops.check_choice("context", context, CONTEXTS)
         ops.check_choice("measure", measure, MEASURES)
+        ops.check_choice("order", order, ORDERS)
         self.model = model
         self.config = config
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -279,13 +387,16 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay)
         self.grad_clip = grad_clip
         self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
         self.context = context
         self.measure = measure
         self.quiet = quiet
         self.seed = seed
+        self.order = order
+        self.step, self.total_steps = 0, 1
         self.device = _device(model)
-        # The per-stage losses of the last stage_losses call, to name a non-finite one.
-        self.last_terms: list[tuple[StageConfig, Tensor]] = []
+        # The per-exit losses of the last stage_losses call, to name a non-finite one.
+        self.last_terms: list[tuple[int, Tensor]] = []
         # Progress of fit: epochs done, whether it stopped, the best epoch so far.
         self.epoch = 0
         self.finished = False
@@ -325,37 +436,36 @@ class Trainer:
         self.best_state = state["best_state"]
 
     def stage_losses(self, inputs: Tensor, targets: Tensor, *, plain: bool | None = None) -> Tensor:
-        """Weighted sum of the stage losses on ``inputs``/``targets`` (int64 ``[B, T]``).
+        """Weighted sum of the exit losses (``config.layer_weights``) on ``inputs``/``targets``
+        (int64 ``[B, T]``).
 
         ``plain``: ``None`` takes the plain path when ``config.plain_path`` allows it;
         ``True``/``False`` force the plain or the general path (they give the same loss
         when only the last layer has loss). Returns a float32 scalar.
         """
-        model, stages = self.model, self.config.stages
+        model = self.model
         num_layers = model.config.num_layers
+        weights = self.config.layer_weights(num_layers)
         if plain is None:
             plain = self.config.plain_path(num_layers)
         h = model.embed(inputs)
         if plain:
-            (stage,) = [s for s in stages if s.loss_weight > 0]
-            if stage.layers[1] != num_layers:
-                raise ValueError(
-                    "plain=True needs the only stage with loss to end at the last layer"
-                )
+            with_loss = [(layer, w) for layer, w in weights if w > 0]
+            if [layer for layer, _ in with_loss] != [num_layers]:
+                raise ValueError("plain=True needs the only exit with loss to be the last layer")
             h = model.run_layers(h, 1, num_layers)
             term = model.exit_loss(h, targets)
-            self.last_terms = [(stage, term.detach())]
-            return stage.loss_weight * term
+            self.last_terms = [(num_layers, term.detach())]
+            return with_loss[0][1] * term
         loss = h.new_zeros((), dtype=torch.float32)
         self.last_terms = []
         done = 0
-        for stage in stages:
-            end = stage.layers[1]
-            h = model.run_layers(h, done + 1, end)
-            done = end
-            term = model.exit_loss(h, targets, exit_layer=end)
-            self.last_terms.append((stage, term.detach()))
-            loss = loss + stage.loss_weight * term
+        for layer, weight in weights:
+            h = model.run_layers(h, done + 1, layer)
+            done = layer
+            term = model.exit_loss(h, targets, exit_layer=layer)
+            self.last_terms.append((layer, term.detach()))
+            loss = loss + weight * term
         return loss
 
     def batch_loss(self, windows: Tensor) -> Tensor:
@@ -372,7 +482,7 @@ class Trainer:
         return evaluate(
             self.model,
             windows,
-            batch_size=self.batch_size,
+            batch_size=self.eval_batch_size,
             exit_layer=self.config.exit_layer if threshold > 0 else None,
             threshold=threshold,
             context=self.context,
@@ -381,17 +491,22 @@ class Trainer:
         )
 
     def _non_finite_stages(self) -> str:
-        """The stages whose last loss was not finite (all stages when unknown)."""
-        bad = [stage for stage, term in self.last_terms if not torch.isfinite(term)]
-        return ", ".join(
-            f"stage layers {s.layers} (exit layer {s.layers[1]})" for s in bad or self.config.stages
-        )
+        """The exits whose last loss was not finite, with their stages (all when unknown)."""
+        bad = [layer for layer, term in self.last_terms if not torch.isfinite(term)]
+        if not bad:
+            return ", ".join(f"stage layers {s.layers}" for s in self.config.stages)
+        stage_of = {
+            layer: s.layers
+            for s in self.config.stages
+            for layer in range(s.layers[0], s.layers[1] + 1)
+        }
+        return ", ".join(f"stage layers {stage_of[layer]} (exit layer {layer})" for layer in bad)
 
     def train_epoch(
         self, data: tuple[Tensor, ...], epoch: int = 1, desc: str = "training"
     ) -> float:
         """Epoch ``epoch`` (1-based) over ``data`` (tensors sharing their first dim, batched
-        together and handed to ``batch_loss``) in the order drawn from ``seed + epoch``;
+        together and handed to ``batch_loss``) in the order ``order`` gives;
         returns the mean batch loss. Raises ``NonFiniteLossError`` (naming ``desc``, the
         epoch, the step and the stage) before stepping on a NaN or infinite loss."""
         self.model.train()
@@ -401,9 +516,13 @@ class Trainer:
         steps = math.ceil(num / self.batch_size)
         bar = _progress(num, "train", self.quiet)
         order = batch_indices(
-            num, self.batch_size, shuffle=True, generator=epoch_generator(self.seed, epoch)
+            num,
+            self.batch_size,
+            shuffle=self.order != "none",
+            generator=epoch_generator(self.seed, epoch if self.order == "epoch" else 1),
         )
         for step, idx in enumerate(order, 1):
+            self.step = (epoch - 1) * steps + step - 1
             part = distributed.shard(idx)
             loss = self.loss_fn(*(t[part].to(self.device) for t in data))
             if world_size > 1:
@@ -451,7 +570,8 @@ class Trainer:
 
         ``train``: the training windows (int64 ``[n, T + 1]``) or a tuple of tensors that
         ``batch_loss`` takes; ``valid``: validation windows. Stops after ``patience``
-        epochs without improvement and restores the best epoch's weights. Goes on from
+        epochs in a row without improvement (``patience=0``: after the first epoch) and
+        restores the best epoch's weights. Goes on from
         the progress in this trainer (after ``load_state_dict``); ``on_epoch`` is called
         after every epoch, its progress recorded (where a checkpoint is saved).
         """
@@ -463,6 +583,7 @@ class Trainer:
         if data[0].shape[0] == 0:
             raise ValueError("train is empty: no training example to fit on")
         result = self.result
+        self.total_steps = epochs * math.ceil(data[0].shape[0] / self.batch_size)
         bar = tqdm(
             total=epochs, initial=self.epoch, desc=desc, disable=self.quiet, dynamic_ncols=True
         )
@@ -481,7 +602,7 @@ class Trainer:
                 result.best_epoch, result.best_val_ppl = epoch, metrics["ppl"]
                 self.best_state = copy.deepcopy(self.model.state_dict())
             self.epoch = epoch
-            self.finished = epoch == epochs or epoch - result.best_epoch > patience
+            self.finished = epoch == epochs or epoch - result.best_epoch >= patience
             if on_epoch is not None:
                 on_epoch()
         bar.close()

@@ -216,6 +216,34 @@ def test_target_lines() -> None:
     ]
 
 
+def test_plain_path_benchmark_writes_its_ratios(tmp_path: pathlib.Path) -> None:
+    """``python -m bench.plain_path_cpu`` at a tiny shape: one row per layout, the ratio
+    of the medians' runs and the commit stamp in its JSON."""
+    out = tmp_path / "plain.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    argv = ["--dim", "16", "--heads", "2", "--vocab", "64", "--batch", "2", "--seq-len", "8"]
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.plain_path_cpu", *argv, "--repeats", "2", "--json", str(out)],
+        cwd=ROOT,
+        env={**env, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    rows = {row["layout"]: row for row in report["results"]}
+    assert list(rows) == ["one stage", "zero-weight stage", "deep supervision"]
+    for name in ("one stage", "zero-weight stage"):
+        row = rows[name]
+        assert len(row["times_s"]["plain"]) == len(row["times_s"]["general"]) == 2
+        times = row["times_s"]
+        ratios = [g / p for g, p in zip(times["general"], times["plain"], strict=True)]
+        assert row["general_over_plain"] == pytest.approx(sum(ratios) / 2)  # median of two
+    assert "general_over_plain" not in rows["deep supervision"]
+    assert report["git"]["commit"] and report["threads"] == 1
+    assert "| zero-weight stage | `1-2:0,3-4:1` |" in result.stdout
+
+
 def test_cpu_benchmark_writes_its_results(tmp_path: pathlib.Path) -> None:
     """``python -m bench.cpu`` at the tiny shape (no compile): rows, ratios, files, provenance."""
     from bench import cpu

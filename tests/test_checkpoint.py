@@ -41,13 +41,13 @@ def _torch_backend():
 
 
 def without_times(results: object) -> object:
-    """``results`` without the wall-clock entries (keys ending in ``time_s``), nor the
+    """``results`` without the wall-clock entries (keys ending in ``time_s``, the date), nor the
     checkpoint flags of ``config``."""
     if isinstance(results, dict):
         return {
             k: without_times(v)
             for k, v in results.items()
-            if not k.endswith("time_s") and k not in ("resume", "checkpoint_dir", "out")
+            if not k.endswith("time_s") and k not in ("resume", "checkpoint_dir", "out", "date")
         }
     if isinstance(results, list):
         return [without_times(v) for v in results]

@@ -5,6 +5,7 @@ import dataclasses
 import pytest
 
 from lego import ASHEMConfig, ModelConfig, StageConfig, TrainingConfig
+from lego.config import parse_stages
 
 
 def test_model_config_defaults_and_hidden_dim():
@@ -139,3 +140,38 @@ def test_ashem_config_defaults_are_the_seed():
 def test_ashem_config_rejects(kwargs, field, error):
     with pytest.raises(error, match=field):
         ASHEMConfig(**kwargs)
+
+
+def test_layer_weights_stage_loss_and_depth_scales():
+    stages = [StageConfig((1, 2), 0.5), StageConfig((3, 4), 2.0)]
+    assert TrainingConfig(stages=stages).layer_weights(4) == ((2, 0.5), (4, 2.0))
+    every = TrainingConfig(stages=stages, stage_loss="every")
+    assert every.layer_weights(4) == ((1, 0.5), (2, 0.5), (3, 2.0), (4, 2.0))
+    assert not every.plain_path(4)
+    # inv_l over the exits 1, 2, 3 (1/1, 1/2, 1/3, normalized); the last layer is not scaled.
+    scaled = TrainingConfig(stages=stages, stage_loss="every", loss_scale="inv_l")
+    total = 1 + 1 / 2 + 1 / 3
+    expected = (0.5 / total, 0.5 / 2 / total, 2.0 / 3 / total, 2.0)
+    assert [w for _, w in scaled.layer_weights(4)] == pytest.approx(expected)
+    # a zero-weight exit keeps its place (the general path computes it) and no scale share
+    zero = TrainingConfig(
+        stages=[StageConfig((1, 2), 0.0), StageConfig((3, 4))], loss_scale="sum_l"
+    )
+    assert zero.layer_weights(4) == ((2, 0.0), (4, 1.0)) and zero.plain_path(4)
+    with pytest.raises(ValueError, match="stage_loss"):
+        TrainingConfig(stages=stages, stage_loss="all")
+    with pytest.raises(ValueError, match="loss_scale"):
+        TrainingConfig(stages=stages, loss_scale="log_l")
+    with pytest.raises(ValueError, match="beyond"):
+        TrainingConfig(stages=stages).layer_weights(3)
+
+
+def test_parse_stages():
+    assert parse_stages("1-2:0.3, 3-4:1.0") == (
+        StageConfig((1, 2), 0.3),
+        StageConfig((3, 4), 1.0),
+    )
+    assert parse_stages("3") == (StageConfig((3, 3)),)
+    for bad, match in (("1-2:x", "could not convert"), ("a", "START-END"), ("2-1", "start <= end")):
+        with pytest.raises(ValueError, match=f"--stages: .*{match}"):
+            parse_stages(bad)

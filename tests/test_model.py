@@ -2,7 +2,8 @@
 
 References (written here, independent of ``lego.model``):
 - ``reference_rope``: rotation of complex pairs ``(x_i + i x_{i + hd/2}) * e^{i pos theta_i}``;
-- ``reference_layer``: pre-norm layer with explicit masked softmax attention (einsum);
+- ``reference_layer``: pre-norm layer with explicit masked softmax attention (einsum), or
+  the original code's post-norm layer (``norm(h + attn(h))``, ``norm(h + ffn(h))``);
 - ``reference_deep_layers``: DESIGN section 4, every deeper layer on all tokens with exited
   tokens frozen by ``where(hard, new, old)`` and keys masked as the context says;
 - losses: ``torch.nn.functional.cross_entropy`` on the reference logits.
@@ -22,6 +23,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import lego.model
 from lego import LegoModel, ModelConfig
+from lego.config import ARCHS, arch_fields
 from lego.model import apply_rope
 from lego_kernels import ops
 
@@ -62,8 +64,10 @@ def reference_rope(x: torch.Tensor, positions: torch.Tensor, base: float) -> tor
     return torch.cat([z.real, z.imag], dim=-1).to(x.dtype)
 
 
-def reference_layer(block, h: torch.Tensor, key_mask: torch.Tensor, base: float) -> torch.Tensor:
-    """One pre-norm layer on all tokens; key_mask bool [B, T, T] (query, key)."""
+def reference_layer(
+    block, h: torch.Tensor, key_mask: torch.Tensor, base: float, post: bool = False
+) -> torch.Tensor:
+    """One pre-norm (``post``: post-norm) layer on all tokens; key_mask bool [B, T, T]."""
     batch, seq_len, dim = h.shape
     head_dim = dim // block.num_heads
     positions = torch.arange(seq_len)
@@ -71,16 +75,23 @@ def reference_layer(block, h: torch.Tensor, key_mask: torch.Tensor, base: float)
     def heads(y):
         return y.view(batch, seq_len, block.num_heads, head_dim)
 
-    x = block.attn_norm(h)
+    x = h if post else block.attn_norm(h)
     q = reference_rope(heads(block.wq(x)), positions, base)
     k = reference_rope(heads(block.wk(x)), positions, base)
     v = heads(block.wv(x))
     scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(head_dim)
     scores = scores.masked_fill(~key_mask[:, None], float("-inf"))
     attn = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v).reshape(batch, seq_len, dim)
+    if post:
+        h = block.attn_norm(h + block.wo(attn))
+        return block.ffn_norm(h + block.down(F.silu(block.gate(h)) * block.up(h)))
     h = h + block.wo(attn)
     x = block.ffn_norm(h)
     return h + block.down(F.silu(block.gate(x)) * block.up(x))
+
+
+def is_post(model: LegoModel) -> bool:
+    return model.config.norm_position == "post"
 
 
 def causal_mask(batch: int, seq_len: int) -> torch.Tensor:
@@ -90,13 +101,15 @@ def causal_mask(batch: int, seq_len: int) -> torch.Tensor:
 def reference_states(model: LegoModel, ids: torch.Tensor, depth: int) -> torch.Tensor:
     h = model.embedding(ids)
     for block in model.layers[:depth]:
-        h = reference_layer(block, h, causal_mask(*ids.shape), model.config.rope_base)
+        h = reference_layer(
+            block, h, causal_mask(*ids.shape), model.config.rope_base, is_post(model)
+        )
     return h
 
 
 def reference_logits(model: LegoModel, states: torch.Tensor, exit_layer: int) -> torch.Tensor:
     exit_ = model.exits[exit_layer - 1 if model.config.per_exit_heads else 0]
-    return exit_.head(exit_.norm(states))
+    return exit_.head(states if exit_.norm is None else exit_.norm(states))
 
 
 def reference_deep_layers(model, h, hard, start, end, context):
@@ -106,7 +119,7 @@ def reference_deep_layers(model, h, hard, start, end, context):
     if context == "routed":  # keys of hard tokens only (and its own, so exited rows stay finite)
         key_mask = key_mask & (hard[:, None, :] | torch.eye(seq_len, dtype=torch.bool))
     for block in model.layers[start - 1 : end]:
-        new = reference_layer(block, h, key_mask, model.config.rope_base)
+        new = reference_layer(block, h, key_mask, model.config.rope_base, is_post(model))
         h = torch.where(hard[..., None], new, h)
     return h
 
@@ -149,6 +162,45 @@ def test_forward_at_each_exit_matches_reference(norm, per_exit_heads):
         ref = reference_logits(model, reference_states(model, ids, layer), layer)
         assert rel_err(logits, ref) < F32_TOL
     torch.testing.assert_close(model(ids), model(ids, exit_layer=3), rtol=0, atol=0)
+
+
+def test_seed_arch_is_the_original_block_and_init():
+    """``--arch seed``: post-norm layers, exits without a norm, SwiGLU width 4 x dim,
+    linear weights ~ truncated N(0, 1/dim), embedding ~ N(0, 0.02^2); the default
+    config is untouched by the variant's fields."""
+    config = ModelConfig(vocab_size=V, dim=D, num_heads=HEADS, **arch_fields("seed", D))
+    assert (config.norm_position, config.exit_norm, config.hidden_dim) == ("post", False, 4 * D)
+    assert arch_fields("lego", D) == {}
+    torch.manual_seed(0)
+    model = small_model(3, **{k: v for k, v in arch_fields("seed", D).items()})
+    assert model.exits[0].norm is None and "exits.0.norm.weight" not in model.state_dict()
+    ids = torch.randint(0, V, (2, T))
+    for layer in (1, 3):
+        ref = reference_logits(model, reference_states(model, ids, layer), layer)
+        assert rel_err(model(ids, exit_layer=layer), ref) < F32_TOL
+    wide = LegoModel(ModelConfig(vocab_size=4000, dim=64, num_heads=4, **arch_fields("seed", 64)))
+    head = wide.exits[0].head.weight
+    assert abs(head.std().item() - 1 / 8) < 0.01 and head.abs().max() <= 2.0
+    assert abs(wide.embedding.weight.std().item() - 0.02) < 0.002
+    assert abs(wide.layers[0].down.weight.std().item() - 1 / 8) < 0.01  # 1/sqrt(dim), not fan-in
+    # The head flops of an exit without norm leave the norm out.
+    default = LegoModel(ModelConfig(vocab_size=4000, dim=64, num_heads=4, hidden_dim=256))
+    assert default.flops(1, 8) - wide.flops(1, 8) == 8 * lego.model.NORM_FLOPS_PER_ELEMENT * 64
+    # The original's phase-2 log at its vocabulary: 4,600,448 of 9,200,896 parameters
+    # trainable (layers 3-4 and the shared head; embedding and layers 1-2 frozen).
+    with torch.device("meta"):
+        seed4 = LegoModel(ModelConfig(vocab_size=69_830, num_layers=4, **arch_fields("seed", 64)))
+    seed4.freeze_lower(2)
+    assert sum(p.numel() for p in seed4.parameters()) == 9_200_896
+    assert sum(p.numel() for p in seed4.parameters() if p.requires_grad) == 4_600_448
+    with pytest.raises(ValueError, match="norm_position"):
+        ModelConfig(vocab_size=V, norm_position="sandwich")
+    with pytest.raises(ValueError, match="init"):
+        ModelConfig(vocab_size=V, init="xavier")
+    with pytest.raises(TypeError, match="exit_norm"):
+        ModelConfig(vocab_size=V, exit_norm=0)
+    with pytest.raises(ValueError, match="arch"):
+        arch_fields("gpt", D)
 
 
 def test_exit_loss_and_confidence_use_that_exit():
@@ -194,9 +246,10 @@ def test_bad_input_names_the_argument():
 # ----------------------------------------------------------------------------- routed path
 
 
+@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("context", CONTEXTS)
-def test_run_layers_routed_matches_reference(context):
-    model = small_model(4)
+def test_run_layers_routed_matches_reference(context, arch):
+    model = small_model(4, **arch_fields(arch, D))
     hard = mixed_hard_mask()
     h = model.run_layers(model.embed(torch.randint(0, V, (3, T))), 1, 2)
     out = model.run_layers_routed(h, hard, 3, 4, context=context)
@@ -224,9 +277,10 @@ def two_stage_batch(model: LegoModel, exit_layer: int) -> tuple[torch.Tensor, fl
     return torch.stack([candidates[easy], candidates[hard], mixed]), threshold
 
 
+@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("context", CONTEXTS)
-def test_early_exit_matches_reference(context):
-    model = small_model(4)
+def test_early_exit_matches_reference(context, arch):
+    model = small_model(4, **arch_fields(arch, D))
     ids, threshold = two_stage_batch(model, exit_layer=2)
     targets = torch.randint(0, V, ids.shape)
     targets[2, 1] = -100

@@ -91,6 +91,32 @@ BAD = [
         [*TINY, "--heads", "2", "--strategy", "standard", "--exit-ratio", "0.5", "--layers", "2"],
         "--exit-layer (2) must lie below --layers (2)",
     ),
+    (["--strategy", "no_such_module:Thing"], "cannot import no_such_module"),
+    (["--strategy", "layerskip", "--hard-ratio", "0.3"], "(it is a flag of ashem)"),
+    (["--strategy", "standard", "--stages", "1-4"], "--stages does not apply"),
+    (["--strategy", "deep-supervision", "--stages", "1-2:x"], "--stages"),
+    (["--strategy", "deep-supervision", "--stages", "3-4,1-2"], "ascending"),
+    (["--strategy", "deep-supervision", "--stages", "1-2,3-5"], "beyond the model's 4 layers"),
+    (["--strategy", "deep-supervision", "--loss-scale", "cubic"], "--loss-scale"),
+    (["--strategy", "layerskip", "--layer-dropout", "2"], "--layer-dropout"),
+    (["--strategy", "layerskip", "--exit-layers", "1,x"], "--exit-layers"),
+    (["--strategy", "layerskip", "--exit-layers", "4"], "--exit-layers: exit_layers must lie"),
+    (
+        ["--strategy", "layerskip", "--exit-layers", "1", "--exit-ratio", "0.5"],
+        "--exit-layer (2) has no exit loss",
+    ),
+    (["--arch", "gpt"], "--arch"),
+    (["--eval-samples", "-1"], "--eval-samples"),
+    (["--eval-batch-size", "0"], "--eval-batch-size"),
+    (["--dataset", "synthetic", "--data-dir", "/tmp"], "--data-dir does not apply to --dataset"),
+    (["--tokenizer", "byte"], "--tokenizer does not apply to --dataset wikitext-2"),
+    (["--dataset", "text"], "--dataset text needs --data-files"),
+    (["--dataset", "text", "--data-files", "a,b"], "three comma-separated files"),
+    (["--dataset", "text", "--data-files", "/no/a,/no/b,/no/c"], "not found: /no/a"),
+    (["--dataset", "text", "--data-files", "a,b,c", "--protocol", "seed"], "--protocol seed"),
+    (["--dataset", "hf:"], "--dataset"),
+    (["--dataset", "hf:x", "--hf-splits", "a,b,c[x:]"], "NAME[START:STOP]"),
+    (["--hf-splits", "a,b,c"], "--hf-splits does not apply"),
 ]
 
 
@@ -155,8 +181,9 @@ def test_ashem_writes_the_json(tmp_path, capsys):
 )
 def test_standard_with_early_exit_on_wikitext2_writes_the_json(tmp_path):
     out = tmp_path / "standard.json"
-    argv = ["--strategy", "standard", "--samples", "32", "--protocol", "seed", "--layers", "2"]
+    argv = ["--strategy", "standard", "--samples", "40", "--protocol", "seed", "--layers", "2"]
     argv += ["--dim", "16", "--heads", "2", "--seq-len", "16", "--epochs", "1", "--quiet"]
+    argv += ["--batch-size", "8"]
     assert main([*argv, "--exit-layer", "1", "--threshold", "0.01", "--out", str(out)]) == 0
     results = json.loads(out.read_text())
     assert results.keys() >= TOP and results["dataset"] == "wikitext-2"
@@ -165,6 +192,11 @@ def test_standard_with_early_exit_on_wikitext2_writes_the_json(tmp_path):
     assert {"ppl", "acc", "exit_ratio", "layer_cost", "flops_cost"} <= ev.keys()
     assert ev["ppl"] > 1 and 0 <= ev["exit_ratio"] <= 1
     assert len(results["history"]) == 1 and results["config"]["threshold"] == 0.01
+    # The original code's slices: 40 x 17 training tokens, windows of 17 every 16 tokens,
+    # whole batches of 8; validation a fifth of that.
+    assert results["config"]["vocab_size"] > 1000 and ev["split"] == "valid"
+    corpus = load_run_corpus(results["config"])
+    assert corpus.train.shape == (40, 17) and corpus.valid.shape == (8, 17)
 
 
 def test_deep_supervision_trains_both_exits(tmp_path):
@@ -191,7 +223,7 @@ def test_exit_ratio_picks_the_threshold_on_validation_and_saves_the_model(tmp_pa
     assert saved["threshold"] == threshold and saved["exit_layer"] == 1
     assert json.loads(json.dumps(saved["config"])) == results["config"]
     corpus = load_run_corpus(saved["config"])
-    assert saved["text"] == {"vocab": list(corpus.vocab), "variant": "standard"}  # for generate
+    assert saved["text"] == corpus.codec.state()  # for generate
     # The threshold is the validation split's 50% quantile: half its tokens exit.
     _, conf = exit_outputs(model, corpus.valid, exit_layer=1)
     n = conf.confidence.numel()
@@ -235,3 +267,60 @@ def test_phase1_from_refuses_other_settings(tmp_path, capsys):
     assert main([*argv, "--seed", "1", *shared, "--out", str(tmp_path / "b.json")]) == 2
     err = capsys.readouterr().err
     assert "--seed: checkpoint 0, now 1" in err and "start from the file of a run" in err
+
+
+def test_an_existing_out_is_never_overwritten_silently(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "r.json"
+    out.write_text("keep me")
+    argv = [*TINY_RUN, "--strategy", "standard", "--layers", "2"]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--out", str(out)])
+    assert exit_info.value.code == 2 and out.read_text() == "keep me"
+    assert "exists; pass --overwrite" in capsys.readouterr().err
+    assert main([*argv, "--out", str(out), "--overwrite"]) == 0
+    assert json.loads(out.read_text())["strategy"] == "standard"
+    # The default name is numbered when taken.
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 0 and main(argv) == 0
+    runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    assert runs == [
+        "standard-synthetic-honest-seed0-2.json",
+        "standard-synthetic-honest-seed0.json",
+    ]
+
+
+def test_eval_cap_batch_size_and_commit_stamp(tmp_path):
+    out, saved_path = tmp_path / "r.json", tmp_path / "m.pt"
+    argv = [*TINY_RUN, "--samples", "64", "--strategy", "standard", "--layers", "2"]
+    argv += ["--eval-samples", "3", "--eval-batch-size", "2", "--save-model", str(saved_path)]
+    assert main([*argv, "--out", str(out)]) == 0
+    results = json.loads(out.read_text())
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
+    assert results["git"]["commit"] == commit and isinstance(results["git"]["dirty"], bool)
+    assert results["versions"]["lego_kernels"] and results["date"][:2] == "20"
+    corpus = load_run_corpus(results["config"])
+    assert corpus.valid.shape[0] == corpus.test.shape[0] == 3 and corpus.train.shape[0] == 64
+    model, _ = load_model(str(saved_path))
+    again = evaluate(model, corpus.test, batch_size=3)
+    assert again["ppl"] == pytest.approx(results["eval"]["ppl"], rel=1e-6)
+
+
+def test_text_files_with_byte_tokens_train(tmp_path):
+    files = []
+    for split, text in (
+        ("train", "héllo wörld\n" * 40),
+        ("valid", "hello\n" * 8),
+        ("test", "wörld\n" * 8),
+    ):
+        path = tmp_path / f"{split}.txt"
+        path.write_text(text, encoding="utf-8")
+        files.append(str(path))
+    out = tmp_path / "text.json"
+    argv = ["--dataset", "text", "--data-files", ",".join(files), "--tokenizer", "byte"]
+    argv += [*TINY_RUN[2:], "--strategy", "standard", "--layers", "2", "--samples", "0"]
+    assert main([*argv, "--out", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert results["config"]["vocab_size"] == 256 and results["config"]["tokenizer"] == "byte"
+    assert results["dataset"] == "text" and results["eval"]["ppl"] < 256

@@ -147,12 +147,38 @@ def test_early_stopping_restores_the_best_epoch():
     fit = Scripted(model, TrainingConfig(stages=[StageConfig((1, 1))]), quiet=True).fit(
         corpus.train, corpus.valid, epochs=5, patience=1
     )
-    # Epoch 3 does not improve (patience 1 allows it), epoch 4 neither: stop there.
-    assert [r["val_ppl"] for r in fit.history] == [5.0, 4.0, 4.5, 6.0]
+    # Epoch 3 does not improve: one epoch without improvement is patience 1, stop there
+    # (the original code's rule: stop once `patience` epochs in a row did not improve).
+    assert [r["val_ppl"] for r in fit.history] == [5.0, 4.0, 4.5]
     assert (fit.best_epoch, fit.best_val_ppl) == (2, 4.0)
     for name, value in model.state_dict().items():
         assert torch.equal(value, snapshots[1][name])
-    assert not torch.equal(snapshots[1]["layers.0.wq.weight"], snapshots[3]["layers.0.wq.weight"])
+    assert not torch.equal(snapshots[1]["layers.0.wq.weight"], snapshots[2]["layers.0.wq.weight"])
+
+
+@pytest.mark.parametrize(
+    ("patience", "epochs_run"), [(0, 1), (1, 3), (2, 4), (3, 5)], ids=lambda v: str(v)
+)
+def test_early_stopping_runs_patience_epochs_without_improvement(patience, epochs_run):
+    """The original's loop: a counter of epochs without improvement, reset on a new best,
+    stop when it reaches ``patience`` (so ``patience=0`` stops after the first epoch)."""
+    scores = [5.0, 4.0, 4.5, 4.2, 3.0]
+    corpus = synthetic_corpus(8, vocab_size=32, num_hard=8, train_windows=16)
+    scripted = iter(scores)
+
+    class Scripted(Trainer):
+        def validate(self, windows):
+            return {"ppl": next(scripted)}
+
+    fit = Scripted(
+        tiny_model(num_layers=1), TrainingConfig(stages=[StageConfig((1, 1))]), quiet=True
+    ).fit(corpus.train, corpus.valid, epochs=5, patience=patience)
+    expected, best, counter = 0, float("inf"), 0
+    for expected, score in enumerate(scores, 1):  # noqa: B007 (the loop's last value is used)
+        best, counter = (score, 0) if score < best else (best, counter + 1)
+        if counter >= patience:
+            break
+    assert len(fit.history) == expected == epochs_run
 
 
 def test_evaluate_against_the_reference_and_two_stage_limits():
@@ -215,3 +241,57 @@ def test_trainer_rejects_bad_settings():
     model.requires_grad_(False)
     with pytest.raises(ValueError, match="nothing to train"):
         Trainer(model, config)
+
+
+@pytest.mark.parametrize("order", ["epoch", "once", "none"])
+def test_batch_order(order):
+    """``epoch``: a new order each epoch, from ``seed + epoch``; ``once``: epoch 1's order
+    every epoch; ``none``: the data's order (the original code's fixed batch lists)."""
+    windows = torch.arange(12)[:, None].expand(12, 9) % 32
+    seen: list[list[int]] = []
+
+    class Recording(Trainer):
+        def batch_loss(self, batch):
+            seen.append(batch[:, 0].tolist())
+            return super().batch_loss(batch)
+
+    trainer = Recording(
+        tiny_model(num_layers=1),
+        TrainingConfig(stages=[StageConfig((1, 1))]),
+        batch_size=4,
+        quiet=True,
+        order=order,
+        seed=5,
+    )
+    for epoch in (1, 2):
+        trainer.train_epoch((windows,), epoch)
+    epochs = [[i for batch in seen[:3] for i in batch], [i for batch in seen[3:] for i in batch]]
+    assert all(sorted(e) == list(range(12)) for e in epochs)
+    first = torch.randperm(12, generator=torch.Generator().manual_seed(6)).tolist()
+    expected = {
+        "epoch": [first, torch.randperm(12, generator=torch.Generator().manual_seed(7)).tolist()],
+        "once": [first, first],
+        "none": [list(range(12))] * 2,
+    }
+    assert epochs == expected[order]
+    with pytest.raises(ValueError, match="order"):
+        Trainer(tiny_model(1), TrainingConfig(stages=[StageConfig((1, 1))]), order="random")
+
+
+def test_dense_two_stage_limits_and_costs():
+    """The original's evaluation: nothing exits above confidence 1 (the full model's
+    numbers), everything at 0+ (the exit layer's); costs as a skipping run would count."""
+    model = tiny_model(num_layers=3)
+    windows = torch.randint(0, 32, (5, 13))
+    full = evaluate(model, windows, batch_size=2)
+    none = evaluate(model, windows, batch_size=2, exit_layer=1, threshold=1.5, dense=True)
+    assert none["exit_ratio"] == 0 and none["layer_cost"] == 1
+    assert none["ppl"] == pytest.approx(full["ppl"], rel=RTOL)
+    assert none["hard_ppl"] == pytest.approx(full["ppl"], rel=RTOL)
+    assert none["flops_cost"] == pytest.approx(1 + model.flops(1, 12, depth=0) / model.flops(1, 12))
+    low = evaluate(model, windows, batch_size=2, exit_layer=1)
+    every = evaluate(model, windows, batch_size=2, exit_layer=1, threshold=1e-9, dense=True)
+    assert every["exit_ratio"] == 1 and every["layer_cost"] == pytest.approx(1 / 3)
+    assert every["ppl"] == pytest.approx(low["ppl"], rel=RTOL) and math.isnan(every["hard_ppl"])
+    with pytest.raises(ValueError, match="dense"):
+        evaluate(model, windows, exit_layer=1, threshold=0.5, dense=True, time_full=True)
