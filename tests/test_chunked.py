@@ -166,6 +166,9 @@ def test_chunk_rows_follow_the_budget(monkeypatch):
     assert chunked.chunk_rows(8192, 128256, 2, gpu) == 1024  # llama3 bf16: 8 chunks of 1,024
     assert chunked.chunk_rows(2048, 69830, 4, gpu) == 960  # seed float32 on a GPU: 240 MiB
     assert chunked.chunk_rows(2048, 69830, 4, cpu) == 240  # and on the CPU: 64 MiB
+    monkeypatch.undo()  # the defaults: llama3 bf16 in chunks of 850 rows, 208 MiB
+    assert chunked.chunk_rows(8192, 128256, 2, gpu) == 850
+    assert 850 * chunked.padded(128256) * 2 <= chunked.MEMORY_BUDGET == 208 * 2**20
 
 
 def _peak_cpu_bytes(fn) -> tuple[int, int]:
