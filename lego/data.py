@@ -160,6 +160,17 @@ def _line_text(line: str) -> str:
     return line.rstrip("\r\n") + "\n"
 
 
+def check_tokenization(tokenizer: str, variant: str) -> None:
+    """``ValueError`` naming the argument unless ``tokenizer`` is one of ``TOKENIZERS`` and
+    ``variant`` one of ``VARIANTS`` that applies to it (``"seed"`` only for words)."""
+    if tokenizer not in TOKENIZERS:
+        raise ValueError(f"tokenizer must be one of {TOKENIZERS}, got {tokenizer!r}")
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    if tokenizer != "word" and variant != "standard":
+        raise ValueError(f"variant {variant!r} is a word tokenization; use tokenizer='word'")
+
+
 def encode_lines(
     lines: dict[str, list[str]], tokenizer: str = "word", variant: str = "standard"
 ) -> tuple[tuple[str, ...], dict[str, Tensor]]:
@@ -170,10 +181,7 @@ def encode_lines(
     order of appearance, ``<unk>`` last for characters it lacks) or ``"byte"`` (the
     UTF-8 bytes of the same text; the 256 byte values, written as Latin-1 characters).
     """
-    if tokenizer not in TOKENIZERS:
-        raise ValueError(f"tokenizer must be one of {TOKENIZERS}, got {tokenizer!r}")
-    if tokenizer != "word" and variant != "standard":
-        raise ValueError(f"variant {variant!r} is a word tokenization; use tokenizer='word'")
+    check_tokenization(tokenizer, variant)
     if tokenizer == "word":
         index = word_index(lines, variant)
         return tuple(index), {s: _encode_words(lines[s], index, variant) for s in SPLITS}
@@ -487,10 +495,7 @@ class TextCodec:
     tokenizer: str = "word"
 
     def __post_init__(self) -> None:
-        if self.variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
-        if self.tokenizer not in TOKENIZERS:
-            raise ValueError(f"tokenizer must be one of {TOKENIZERS}, got {self.tokenizer!r}")
+        check_tokenization(self.tokenizer, self.variant)
         object.__setattr__(self, "vocab", tuple(self.vocab))
 
     def encode(self, text: str) -> tuple[list[int], list[str]]:

@@ -293,3 +293,25 @@ def test_readme_cpu_table_is_the_committed_run() -> None:
     assert cpu.summary_table(rows) in text
     assert cpu.provenance(result["meta"]) in text
     assert {r.shape for r in rows} == set(cpu.DEFAULT_SHAPES.split(","))
+
+
+def test_op_dispatch_benchmark_writes_both_timings(tmp_path: pathlib.Path) -> None:
+    """``python -m bench.op_dispatch`` at 2 calls x 2 rounds: every workload, both timings,
+    the ratio of their medians, provenance; bad counts are usage errors."""
+    from bench import op_dispatch
+
+    threads = torch.get_num_threads()
+    assert op_dispatch.main(["--calls", "2", "--rounds", "2", "--out", str(tmp_path)]) == 0
+    assert torch.get_num_threads() == threads  # restored
+    with open(tmp_path / "op_dispatch.json") as f:
+        result = json.load(f)
+    assert result["meta"]["commit"] and result["meta"]["machine"]["date"]
+    rows = result["rows"]
+    assert [r["workload"] for r in rows] == list(op_dispatch.WORKLOADS)
+    for r in rows:
+        assert len(r["times_us"]["public"]) == len(r["times_us"]["direct"]) == 2
+        assert r["ratio"] == pytest.approx(r["public_us"] / r["direct_us"])
+    text = (tmp_path / "op_dispatch.md").read_text()
+    assert all(f"| {r['workload']} |" in text for r in rows)
+    with pytest.raises(SystemExit):
+        op_dispatch.main(["--calls", "0", "--out", str(tmp_path)])

@@ -322,6 +322,8 @@ def test_text_codec_encodes_like_the_corpus_and_decodes_back(tiny_dir):
     assert no_unk.encode("a c b") == ([0, 1], ["c"])  # no <unk> word: dropped, still listed
     with pytest.raises(ValueError, match="variant"):
         TextCodec(("a",), "bpe")
+    with pytest.raises(ValueError, match="tokenizer='word'"):
+        TextCodec(("a",), "seed", "char")
 
 
 @pytest.mark.parametrize("tokenizer", ["char", "byte"])
